@@ -1,0 +1,182 @@
+"""Configuration of hashmoe causal language models (dense, Hash, Switch, BASE and top-k MoE FFNs).
+
+This file is shipped inside exported model folders and loaded with ``trust_remote_code=True``, so it
+imports only ``transformers`` and the standard library.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+ROUTERS = ("hash", "switch", "base", "topk")
+HASH_FUNCTIONS = (
+    "random",
+    "balanced",
+    "bigram",
+    "prev_token",
+    "position",
+    "clustered",
+    "dispersed",
+    "oracle_future",
+)
+# Hash functions whose table is one seeded random draw per head; only these take hash_heads > 1
+# (several data-fitted tables would all be the same partition, which defeats multi-hash).
+SEEDED_HASH_FUNCTIONS = ("random", "bigram", "prev_token", "position", "oracle_future")
+ACTIVATIONS = ("gelu", "relu", "silu")
+
+
+class HashMoEConfig(PretrainedConfig):
+    r"""
+    Configuration of [`HashMoEForCausalLM`]: a pre-norm decoder-only Transformer whose FFN sublayers are dense
+    or Mixture-of-Experts, layer by layer.
+
+    Transformer:
+        vocab_size (`int`, defaults to 8192): number of token ids.
+        hidden_size (`int`, defaults to 256): model width d_model.
+        intermediate_size (`int`, defaults to 1024): hidden width of the dense FFN.
+        num_hidden_layers (`int`, defaults to 4): number of Transformer blocks.
+        num_attention_heads (`int`, defaults to 4): attention heads; must divide `hidden_size`.
+        max_position_embeddings (`int`, defaults to 1024): longest sequence (learned absolute positions).
+        hidden_act (`str`, defaults to `"gelu"`): FFN activation, one of gelu, relu, silu.
+        dropout (`float`, defaults to 0.0): dropout on embeddings, attention and residual branches.
+        layer_norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon.
+        initializer_range (`float`, defaults to 0.02): std of the normal init; residual projections use
+            `initializer_range / sqrt(2 * num_hidden_layers)` (GPT-2).
+        tie_word_embeddings (`bool`, defaults to True): share the input embedding and output projection.
+        use_cache (`bool`, defaults to True): return a KV cache from `forward` (used by `generate`).
+
+    Mixture-of-Experts:
+        moe_layers (`list[int]`, defaults to `[]`): indices of the blocks whose FFN is a MoE layer; the others
+            are dense. `[]` gives a dense model.
+        num_experts (`int`, defaults to 8): experts per MoE layer.
+        expert_intermediate_size (`int`, *optional*): hidden width of one expert; defaults to
+            `intermediate_size`, so one expert costs what the dense FFN costs.
+        router (`str`, defaults to `"hash"`): `hash` (Roller et al. 2021), `switch` (Fedus et al. 2021),
+            `base` (Lewis et al. 2021) or `topk` (softmax top-k, the usual learned baseline).
+        hash_function (`str`, defaults to `"balanced"`): for `router="hash"`: random, balanced, bigram,
+            prev_token, position, clustered, dispersed, or oracle_future (hashes the *next* token: an upper
+            bound for analysis; `generate()` refuses it). balanced starts from uniform token counts and is
+            refit from data with `HashMoEForCausalLM.fit_hash_tables`; clustered and dispersed need that fit
+            (from a trained model's embeddings) before use.
+        hash_heads (`int`, defaults to 1): multi-hash: N hash functions, each choosing the expert for one of N
+            segments of the expert's hidden units (must divide `expert_intermediate_size`). Only for the
+            seeded hash functions (random, bigram, prev_token, position, oracle_future).
+        hash_seed (`int`, defaults to 0): seed of the hash tables; layer i uses `hash_seed + 1000 * i`.
+        num_experts_per_tok (`int`, defaults to 2): k of the `topk` router.
+        capacity_factor (`float`, *optional*, defaults to 1.0): training capacity of `switch`/`topk`: each
+            expert takes at most `ceil(k * tokens * capacity_factor / num_experts)` tokens; the rest are dropped
+            and pass through the residual. `None` means no capacity (dropless).
+        eval_capacity_factor (`float`, *optional*, defaults to 2.0): the same at evaluation.
+        router_aux_loss_coef (`float`, defaults to 0.01): alpha of the load-balancing loss
+            `alpha * E * sum_i f_i * P_i` (switch, topk).
+        router_z_loss_coef (`float`, defaults to 0.0): coefficient of the router z-loss
+            `mean(logsumexp(logits)^2)` (ST-MoE); 0 disables it.
+        router_jitter (`float`, defaults to 0.01): multiplicative input jitter `U(1-eps, 1+eps)` of the switch
+            router in training; 0 disables it.
+        router_init_scale (`float`, defaults to 0.1): Switch's router init, normal with std
+            `sqrt(router_init_scale / hidden_size)`.
+        base_centroid_gain (`float`, defaults to 0.1): gain of the orthogonal init of BASE expert centroids.
+        output_router_logits (`bool`, defaults to False): return router logits and expert assignments.
+    """
+
+    model_type = "hashmoe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 1024
+    hidden_act: str = "gelu"
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    moe_layers: list[int] | None = None
+    num_experts: int = 8
+    expert_intermediate_size: int | None = None
+    router: str = "hash"
+    hash_function: str = "balanced"
+    hash_heads: int = 1
+    hash_seed: int = 0
+    num_experts_per_tok: int = 2
+    capacity_factor: float | None = 1.0
+    eval_capacity_factor: float | None = 2.0
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    router_jitter: float = 0.01
+    router_init_scale: float = 0.1
+    base_centroid_gain: float = 0.1
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        self.moe_layers = sorted(int(i) for i in (self.moe_layers or []))
+        if self.expert_intermediate_size is None:
+            self.expert_intermediate_size = self.intermediate_size
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def check(self) -> None:
+        """Raise a ValueError naming the first invalid field and how to fix it."""
+
+        def fail(field: str, problem: str, fix: str) -> None:
+            raise ValueError(f"HashMoEConfig.{field}: {problem}. {fix}")
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "max_position_embeddings", "num_experts",
+                      "expert_intermediate_size", "hash_heads", "num_experts_per_tok"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(field, f"got {value!r}", "Use a positive integer.")
+        if self.hidden_size % self.num_attention_heads:
+            fail("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size="
+                 f"{self.hidden_size}", "Pick a head count that divides hidden_size.")
+        if self.hidden_act not in ACTIVATIONS:
+            fail("hidden_act", f"unknown activation {self.hidden_act!r}", f"Use one of {ACTIVATIONS}.")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", f"got {self.dropout!r}", "Use a probability in [0, 1).")
+        bad_layers = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+        if bad_layers:
+            fail("moe_layers", f"indices {bad_layers} are out of range for num_hidden_layers="
+                 f"{self.num_hidden_layers}", f"Use indices in [0, {self.num_hidden_layers - 1}].")
+        if len(set(self.moe_layers)) != len(self.moe_layers):
+            fail("moe_layers", f"{self.moe_layers} repeats an index", "List each MoE layer once.")
+        if self.router not in ROUTERS:
+            fail("router", f"unknown router {self.router!r}", f"Use one of {ROUTERS}.")
+        if self.hash_function not in HASH_FUNCTIONS:
+            fail("hash_function", f"unknown hash function {self.hash_function!r}",
+                 f"Use one of {HASH_FUNCTIONS}.")
+        if self.router == "hash" and self.hash_heads > 1:
+            if self.hash_function not in SEEDED_HASH_FUNCTIONS:
+                fail("hash_heads", f"multi-hash ({self.hash_heads} heads) is not available for "
+                     f"hash_function={self.hash_function!r}",
+                     f"Use hash_heads=1, or one of {SEEDED_HASH_FUNCTIONS}.")
+            if self.expert_intermediate_size % self.hash_heads:
+                fail("hash_heads", f"{self.hash_heads} heads do not divide expert_intermediate_size="
+                     f"{self.expert_intermediate_size}", "Pick hash_heads dividing the expert width.")
+        if self.router == "topk" and self.num_experts_per_tok > self.num_experts:
+            fail("num_experts_per_tok", f"k={self.num_experts_per_tok} exceeds num_experts="
+                 f"{self.num_experts}", "Use k <= num_experts.")
+        for field in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, field)
+            if value is not None and not value > 0:
+                fail(field, f"got {value!r}", "Use a positive number, or null for no capacity (dropless).")
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter", "router_init_scale",
+                      "base_centroid_gain"):
+            if getattr(self, field) < 0:
+                fail(field, f"got {getattr(self, field)!r}", "Use a non-negative number.")
+        if self.router_jitter >= 1:
+            fail("router_jitter", f"got {self.router_jitter!r}", "Use eps in [0, 1).")
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+
+__all__ = ["HashMoEConfig"]

@@ -1,0 +1,98 @@
+"""Expert bank (E FFNs stored as 3-D tensors) and the sort-based local dispatch.
+
+Shape suffixes: T tokens, D model width, F expert hidden width, E experts, K assignments per token,
+A kept assignments (T*K minus the dropped ones), G slots (E experts x segments), N rows of one slice.
+
+Dispatch never builds the GShard one-hot [T, E, capacity] tensor: tokens are sorted by the slot they go
+to, each expert runs one matmul over its contiguous slice, and the outputs are scattered back. Memory
+stays O(T*K*D). The same `forward_sorted` serves the expert-parallel path, where the sorted slices
+arrive from other ranks (trainer/parallel.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class ExpertBank(nn.Module):
+    """`num_experts` two-layer FFNs, weights laid out [E, out, in] as in HF MoE models.
+
+    With `num_segments > 1` (multi-hash, Roller et al. 2021 sec. 3) expert e's hidden units are split into
+    segments; "slot" g = e * num_segments + m is segment m of expert e, and a token's K = num_segments
+    assignments each use one segment, so their summed outputs equal one FFN over the concatenated hidden.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_size: int, activation: str = "gelu",
+                 num_segments: int = 1):
+        super().__init__()
+        self.num_experts = num_experts
+        self.num_segments = num_segments
+        self.segment_size = expert_size // num_segments
+        self.act = ACTIVATIONS[activation]
+        self.w1 = nn.Parameter(torch.empty(num_experts, expert_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_experts * self.num_segments
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1, std=std)
+        nn.init.normal_(self.w2, std=out_std)
+
+    def forward_slot(self, slot: int, x_ND: torch.Tensor) -> torch.Tensor:
+        expert, segment = divmod(slot, self.num_segments)
+        hidden = slice(segment * self.segment_size, (segment + 1) * self.segment_size)
+        h_NF = self.act(x_ND @ self.w1[expert, hidden].t())
+        return h_NF @ self.w2[expert, :, hidden].t()
+
+    def forward_sorted(self, x_AD: torch.Tensor, tokens_per_slot: list[int]) -> torch.Tensor:
+        """Rows of `x_AD` are grouped by slot, `tokens_per_slot[g]` rows for slot g, in slot order."""
+        outputs = [self.forward_slot(slot, x_ND)
+                   for slot, x_ND in enumerate(torch.split(x_AD, tokens_per_slot)) if x_ND.shape[0]]
+        if not outputs:  # every token dropped: keep the graph connected to the weights
+            return x_AD.new_zeros(x_AD.shape) + 0.0 * (self.w1.sum() + self.w2.sum())
+        return torch.cat(outputs)
+
+
+def assignment_slots(expert_index_TK: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Map expert choices to bank slots; -1 (dropped) stays -1. With segments, column k is segment k."""
+    if num_segments == 1:
+        return expert_index_TK
+    segment_TK = torch.arange(num_segments, device=expert_index_TK.device).expand_as(expert_index_TK)
+    return torch.where(expert_index_TK >= 0, expert_index_TK * num_segments + segment_TK, -1)
+
+
+def sort_by_slot(slot_TK: torch.Tensor, num_slots: int):
+    """Order the kept (token, k) assignments by slot (stable, so token order is kept within a slot).
+
+    Returns (token_A, order_A, tokens_per_slot_G): token_A[i] is the token of the i-th sorted assignment,
+    order_A its flat index into [T*K] (to pick its weight).
+    """
+    flat_slot = slot_TK.reshape(-1)
+    kept = (flat_slot >= 0).nonzero().squeeze(1)
+    order_A = kept[torch.argsort(flat_slot[kept], stable=True)]
+    token_A = order_A // slot_TK.shape[1]
+    tokens_per_slot_G = torch.bincount(flat_slot[kept], minlength=num_slots)
+    return token_A, order_A, tokens_per_slot_G
+
+
+def dispatch_local(x_TD: torch.Tensor, expert_index_TK: torch.Tensor, expert_weight_TK: torch.Tensor,
+                   bank: ExpertBank) -> torch.Tensor:
+    """y_t = sum_k weight[t, k] * expert_{index[t, k]}(x_t), all experts local; dropped tokens give 0."""
+    slot_TK = assignment_slots(expert_index_TK, bank.num_segments)
+    token_A, order_A, tokens_per_slot_G = sort_by_slot(slot_TK, bank.num_slots)
+    y_AD = bank.forward_sorted(x_TD[token_A], tokens_per_slot_G.tolist())
+    y_AD = y_AD * expert_weight_TK.reshape(-1)[order_A].unsqueeze(1).to(y_AD.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+
+
+def expert_init_std(initializer_range: float, num_hidden_layers: int) -> tuple[float, float]:
+    """GPT-2 init: N(0, r) for input projections, N(0, r / sqrt(2L)) for projections into the residual."""
+    return initializer_range, initializer_range / math.sqrt(2 * num_hidden_layers)

@@ -1,0 +1,229 @@
+"""Routers: which expert(s) each token goes to, with what weight, and at what auxiliary cost.
+
+Shape suffixes: T tokens, D model width, E experts, K choices per token, H hash heads.
+
+Every router maps (x_TD, RoutingInputs) to a RouterOutput. Index -1 means "dropped": the token skips the
+layer and only the residual carries it (Switch capacity, Fedus et al. 2021 sec. 2.2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .assignment import balanced_assignment
+from .hashing import (
+    balanced_table,
+    bigram_hash,
+    clustered_table,
+    dispersed_table,
+    random_table,
+    universal_hash_params,
+)
+
+
+@dataclass
+class RoutingInputs:
+    """What every MoE layer gets besides the hidden states, flattened to [T]. Hash routers need token ids.
+
+    prev_ids_T / next_ids_T hold the neighbouring token id, or `vocab_size` where there is none
+    (sequence start / end, or the end of what has been generated so far).
+    """
+
+    input_ids_T: torch.Tensor
+    prev_ids_T: torch.Tensor
+    next_ids_T: torch.Tensor
+    position_ids_T: torch.Tensor
+
+
+@dataclass
+class RouterOutput:
+    expert_index_TK: torch.Tensor  # int64, -1 = dropped
+    expert_weight_TK: torch.Tensor  # multiplies the expert's output
+    aux_loss: torch.Tensor  # scalar, already scaled by its coefficient
+    router_logits_TE: torch.Tensor | None = None
+
+
+class HashRouter(nn.Module):
+    """Hash Layers (Roller et al. 2021): a fixed function of the token id picks the expert; weight 1, no loss.
+
+    The table is a persistent buffer, so it is saved with the weights and identical on every process
+    (the reference implementation regenerated it from a seed and never saved it).
+    """
+
+    FITTED_FUNCTIONS = ("clustered", "dispersed")
+
+    def __init__(self, hash_function: str, num_experts: int, num_heads: int, vocab_size: int,
+                 max_positions: int, seed: int):
+        super().__init__()
+        self.hash_function = hash_function
+        self.num_experts = num_experts
+        self.num_heads = num_heads
+        self.seed = seed
+        # Built on CPU even under from_pretrained's meta-device context: the table is data, not a weight init.
+        with torch.device("cpu"):
+            table = self._initial_table(hash_function, num_experts, num_heads, vocab_size, max_positions, seed)
+        self.register_buffer("hash_params" if hash_function == "bigram" else "table", table)
+        self.register_buffer("table_fitted", torch.tensor(hash_function not in self.FITTED_FUNCTIONS, device="cpu"))
+
+    @classmethod
+    def _initial_table(cls, hash_function, num_experts, num_heads, vocab_size, max_positions, seed):
+        if hash_function == "bigram":
+            return universal_hash_params(num_heads, seed)
+        num_keys = {"position": max_positions, "prev_token": vocab_size + 1,
+                    "oracle_future": vocab_size + 1}.get(hash_function, vocab_size)
+        if hash_function == "balanced":  # uniform counts until fit() sees data
+            return balanced_table(torch.ones(num_keys, dtype=torch.int64), num_experts)[None]
+        if hash_function in cls.FITTED_FUNCTIONS:
+            return torch.zeros(1, num_keys, dtype=torch.int64)
+        return torch.stack([random_table(num_keys, num_experts, seed + h) for h in range(num_heads)])
+
+    def fit(self, token_counts: torch.Tensor | None = None, embeddings: torch.Tensor | None = None) -> None:
+        """Rebuild a data-dependent table: balanced from token counts, clustered/dispersed from embeddings."""
+        if self.hash_function == "balanced":
+            if token_counts is None:
+                raise ValueError("hash_function='balanced' is fit from token_counts (a [vocab_size] tensor).")
+            table_V = balanced_table(token_counts.cpu(), self.num_experts)
+        elif self.hash_function in self.FITTED_FUNCTIONS:
+            if embeddings is None:
+                raise ValueError(f"hash_function={self.hash_function!r} is fit from embeddings "
+                                 "([vocab_size, d] token embeddings of a trained model).")
+            build = clustered_table if self.hash_function == "clustered" else dispersed_table
+            table_V = build(embeddings.detach().float().cpu(), self.num_experts, self.seed)
+        else:
+            return  # seeded tables need no data
+        if table_V.shape[0] != self.table.shape[1]:
+            raise ValueError(f"fit data covers {table_V.shape[0]} tokens but the table has "
+                             f"{self.table.shape[1]} (vocab_size)")
+        self.table.copy_(table_V[None].to(self.table.device))
+        self.table_fitted.fill_(True)
+
+    def forward(self, x_TD: torch.Tensor, routing: RoutingInputs) -> RouterOutput:
+        if not bool(self.table_fitted):
+            raise RuntimeError(f"hash_function={self.hash_function!r} needs its table built from a trained "
+                               "model's embeddings first: call model.fit_hash_tables(embeddings=...).")
+        if self.hash_function == "bigram":
+            index_TH = torch.stack([bigram_hash(routing.prev_ids_T, routing.input_ids_T, self.hash_params[h],
+                                                self.num_experts) for h in range(self.num_heads)], dim=1)
+        else:
+            key_T = {"prev_token": routing.prev_ids_T, "oracle_future": routing.next_ids_T,
+                     "position": routing.position_ids_T}.get(self.hash_function, routing.input_ids_T)
+            index_TH = self.table[:, key_T].t()
+        weight_TH = torch.ones(index_TH.shape, dtype=x_TD.dtype, device=x_TD.device)
+        return RouterOutput(index_TH.contiguous(), weight_TH, x_TD.new_zeros(()))
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_index_TK: torch.Tensor) -> torch.Tensor:
+    """Switch eq. 4 without alpha: E * sum_i f_i * P_i, f_i = share of the T*K choices sent to expert i
+    (before capacity), P_i = mean router probability of expert i."""
+    num_experts = probs_TE.shape[1]
+    fraction_E = torch.bincount(expert_index_TK.reshape(-1), minlength=num_experts).float()
+    fraction_E = fraction_E / expert_index_TK.numel()
+    return num_experts * (fraction_E * probs_TE.mean(0)).sum()
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE (Zoph et al. 2022) eq. 5: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def drop_over_capacity(expert_index_TK: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
+    """Keep at most `capacity` assignments per expert; the rest become -1.
+
+    Priority as in GShard/Switch: every token's first choice before any second choice, then token order.
+    """
+    num_tokens, k = expert_index_TK.shape
+    flat = expert_index_TK.t().reshape(-1)  # priority order
+    order = torch.argsort(flat, stable=True)
+    per_expert = torch.bincount(flat, minlength=num_experts)
+    first_of_expert = torch.cumsum(per_expert, 0) - per_expert
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(flat.numel(), device=flat.device) - first_of_expert[flat[order]]
+    flat = torch.where(rank < capacity, flat, torch.full_like(flat, -1))
+    return flat.view(k, num_tokens).t().contiguous()
+
+
+class SoftmaxRouter(nn.Module):
+    """Learned softmax router: Switch (Fedus et al. 2021: k=1, gate p_i) or top-k (k=2, renormalised gates).
+
+    Logits in fp32 ("selective precision", Switch sec. 2.4), multiplicative jitter in training, capacity with
+    token dropping, alpha-weighted load-balancing loss and optional z-loss.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, k: int, renormalize: bool, jitter: float,
+                 capacity_factor: float | None, eval_capacity_factor: float | None, aux_loss_coef: float,
+                 z_loss_coef: float, init_scale: float):
+        super().__init__()
+        self.num_experts, self.k, self.renormalize, self.jitter = num_experts, k, renormalize, jitter
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.aux_loss_coef, self.z_loss_coef, self.init_scale = aux_loss_coef, z_loss_coef, init_scale
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=math.sqrt(self.init_scale / self.weight.shape[1]))
+
+    def capacity(self, num_tokens: int) -> int | None:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return None if factor is None else math.ceil(self.k * num_tokens * factor / self.num_experts)
+
+    def forward(self, x_TD: torch.Tensor, routing: RoutingInputs) -> RouterOutput:
+        x_TD32 = x_TD.float()
+        if self.training and self.jitter > 0:
+            x_TD32 = x_TD32 * torch.empty_like(x_TD32).uniform_(1 - self.jitter, 1 + self.jitter)
+        logits_TE = F.linear(x_TD32, self.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        weight_TK, index_TK = probs_TE.topk(self.k, dim=-1)
+        if self.renormalize:
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, index_TK)
+        if self.z_loss_coef > 0:
+            aux_loss = aux_loss + self.z_loss_coef * router_z_loss(logits_TE)
+        capacity = self.capacity(x_TD.shape[0])
+        if capacity is not None:
+            index_TK = drop_over_capacity(index_TK, capacity, self.num_experts)
+        return RouterOutput(index_TK, weight_TK.to(x_TD.dtype), aux_loss, logits_TE)
+
+
+class BaseRouter(nn.Module):
+    """BASE layers (Lewis et al. 2021): balanced assignment in training, greedy top-1 at inference.
+
+    Affinities h_t . c_e choose the expert without gradient; the gate sigmoid(h_t . c_a) carries the gradient
+    that trains the centroids. The paper's "+ h_t" is the block's residual connection.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, centroid_gain: float):
+        super().__init__()
+        self.centroid_gain = centroid_gain
+        # Not named "expert...": DeepSpeed's checkpointing treats such parameters as expert weights.
+        self.centroids = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def reset_parameters(self) -> None:
+        nn.init.orthogonal_(self.centroids, gain=self.centroid_gain)
+
+    def forward(self, x_TD: torch.Tensor, routing: RoutingInputs) -> RouterOutput:
+        scores_TE = x_TD.detach().float() @ self.centroids.detach().float().t()
+        if self.training:
+            index_T = balanced_assignment(scores_TE)
+        else:  # balancing at inference would let future tokens change the route
+            index_T = scores_TE.argmax(dim=-1)
+        gate_T = torch.sigmoid((x_TD * self.centroids[index_T].to(x_TD.dtype)).sum(dim=-1))
+        return RouterOutput(index_T[:, None], gate_T[:, None], x_TD.new_zeros(()), scores_TE)
+
+
+def build_router(config, layer_idx: int) -> nn.Module:
+    if config.router == "hash":
+        return HashRouter(config.hash_function, config.num_experts, config.hash_heads, config.vocab_size,
+                          config.max_position_embeddings, config.hash_seed + 1000 * layer_idx)
+    if config.router == "base":
+        return BaseRouter(config.hidden_size, config.num_experts, config.base_centroid_gain)
+    is_switch = config.router == "switch"
+    return SoftmaxRouter(
+        config.hidden_size, config.num_experts, k=1 if is_switch else config.num_experts_per_tok,
+        renormalize=not is_switch, jitter=config.router_jitter if is_switch else 0.0,
+        capacity_factor=config.capacity_factor, eval_capacity_factor=config.eval_capacity_factor,
+        aux_loss_coef=config.router_aux_loss_coef, z_loss_coef=config.router_z_loss_coef,
+        init_scale=config.router_init_scale)

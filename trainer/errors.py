@@ -1,0 +1,14 @@
+"""Errors a user can fix: printed as one paragraph naming the key and the fix, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """`key` is the config key, file or option at fault (e.g. "parallel.ep_size", "data.train_files")."""
+
+    def __init__(self, key: str, problem: str, fix: str):
+        self.key, self.problem, self.fix = key, problem, fix
+        super().__init__(f"{key}: {problem}. {fix}")
+
+
+EXIT_USER_ERROR = 2
