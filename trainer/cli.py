@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(train)
     train.add_argument("--resume", action="store_true",
                        help="require a checkpoint to resume from (otherwise resuming is automatic)")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
     launch = commands.add_parser("launch", help="start N local processes (torchrun) running `train`",
                                  description="Start N local ranks on this machine (loopback rendezvous).")
@@ -51,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "code and the tokenizer. Loadable with trust_remote_code=True.")
     export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N (or RUN_DIR for the latest)")
     export.add_argument("out_dir", help="folder to write")
+
+    compare = commands.add_parser("compare", help="compare runs: markdown table and PNG plots",
+                                  description="Compare run folders: a markdown table (printed, and written to "
+                                  "OUT/report.md) labelling runs by the config keys that differ, and PNG plots "
+                                  "(valid ppl vs step, time and FLOPs, updates/s, expert load).")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `hashmoe train`")
+    compare.add_argument("--out", default="compare-report", help="folder for report.md and the plots "
+                         "(default: ./compare-report)")
     return parser
 
 
@@ -77,12 +87,13 @@ def run_train(args) -> int:
 
 
 def run_launch(args) -> int:
-    from trainer.config import load_config
+    from trainer.config import check_world_size, load_config
     from trainer.distributed import free_port
 
-    load_config(args.config, args.overrides, args.output)  # fail here, not in N processes
+    config = load_config(args.config, args.overrides, args.output)  # fail here, not in N processes
     if args.nproc < 1:
         raise UserError("--nproc", f"got {args.nproc}", "Use at least 1 process.")
+    check_world_size(config, args.nproc)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "trainer.cli", "train", args.config]
@@ -104,13 +115,22 @@ def run_export(args) -> int:
     return 0
 
 
+def run_compare(args) -> int:
+    from trainer.compare import compare_runs
+
+    report = compare_runs(args.run_dirs, args.out)
+    print(report.read_text(), end="")
+    print(f"hashmoe: report and plots in {report.parent}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": run_train, "launch": run_launch, "export": run_export}
+    handlers = {"train": run_train, "launch": run_launch, "export": run_export, "compare": run_compare}
     try:
         return handlers[args.command](args)
     except UserError as err:

@@ -13,6 +13,7 @@ here, naming the key, before any process group starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,9 +23,29 @@ from typing import Any
 import yaml
 
 from trainer.data import DataConfig
+from trainer.data import _validate as _validate_data
 from trainer.errors import UserError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# Model fields the trainer sets itself (from the tokenizer): the fix to give when a config sets one.
+TRAINER_SET_MODEL_FIELDS = {"vocab_size": "Set data.vocab_size instead.",
+                            "pad_token_id": "Remove it: the tokenizer's EOS token is used.",
+                            "bos_token_id": "Remove it: the tokenizer's EOS token is used.",
+                            "eos_token_id": "Remove it: the tokenizer's EOS token is used."}
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (1e-3, 3e-4) as numbers, as YAML 1.2 does;
+    PyYAML (YAML 1.1) reads them as strings, so `lr: 1e-3` or `--set optim.lr=3e-4` would be rejected."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 @dataclass
@@ -53,6 +74,7 @@ class OptimConfig:
 class ParallelConfig:
     ep_size: int = 1  # ranks the experts of each MoE layer are sharded over; divides num_experts and world size
     ds_config: str = "cpu"  # name in ds_configs/ (cpu, zero1_bf16, zero2_bf16) or a path to a JSON file
+    dispatch: str = "stock"  # stock (DeepSpeed's padded MOELayer) | dropless (uneven all-to-all, no padding)
 
 
 @dataclass
@@ -94,7 +116,7 @@ def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | N
     if not path.is_file():
         raise UserError(str(path), "run config file not found", "Pass the path of a run YAML (see recipes/).")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise UserError(str(path), f"is not valid YAML ({err})", "Fix the YAML syntax.") from None
     if not isinstance(raw, dict):
@@ -117,7 +139,11 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(key, f"{part} is not a section", "Override a key inside a section.")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = _load_yaml(value)
+    except yaml.YAMLError:
+        raise UserError("--set", f"the value in {item!r} is not valid YAML",
+                        "Quote it, or write lists as [a, b] and mappings as {k: v}.") from None
 
 
 def config_from_dict(raw: dict) -> RunConfig:
@@ -175,15 +201,20 @@ def validate(config: RunConfig) -> None:
         if key not in model_fields:
             raise UserError(f"model.{key}", "unknown model field",
                             "See HashMoEConfig in models/configuration_hashmoe.py for the fields.")
-    if "vocab_size" in config.model:
-        raise UserError("model.vocab_size", "is set from the tokenizer", "Set data.vocab_size instead.")
+    for key, fix in TRAINER_SET_MODEL_FIELDS.items():
+        if key in config.model:
+            raise UserError(f"model.{key}", "is set from the tokenizer", fix)
     try:
         model_config = HashMoEConfig(**config.model, vocab_size=config.data.vocab_size)
     except (ValueError, TypeError) as err:
         message = str(err)
-        field_name = message.split(":")[0].replace("HashMoEConfig.", "") if message.startswith("HashMoEConfig.") else ""
-        raise UserError(f"model.{field_name}" if field_name else "model", message.split(": ", 1)[-1],
-                        "Fix the model section.") from None
+        if message.startswith("HashMoEConfig."):  # "HashMoEConfig.FIELD: PROBLEM. FIX"
+            field_name, _, rest = message.removeprefix("HashMoEConfig.").partition(": ")
+            problem, sep, fix = rest.partition(". ")
+            raise UserError(f"model.{field_name}", problem if sep else rest.rstrip("."),
+                            fix if sep else "Fix the model section.") from None
+        raise UserError("model", message, "Fix the model section.") from None
+    _validate_data(config.data)
     if config.data.seq_len > model_config.max_position_embeddings:
         raise UserError("data.seq_len", f"{config.data.seq_len} exceeds model.max_position_embeddings="
                         f"{model_config.max_position_embeddings}", "Shorten seq_len or raise max_position_embeddings.")
@@ -208,6 +239,8 @@ def validate(config: RunConfig) -> None:
         if model_config.num_experts % parallel.ep_size:
             raise UserError("parallel.ep_size", f"{parallel.ep_size} does not divide model.num_experts="
                             f"{model_config.num_experts}", "Pick an ep_size that divides num_experts.")
+    if parallel.dispatch not in ("stock", "dropless"):
+        raise UserError("parallel.dispatch", f"unknown dispatch {parallel.dispatch!r}", "Use stock or dropless.")
     resolve_ds_config_path(parallel.ds_config)
     for key in ("log_every", "eval_every"):
         if getattr(config.logging, key) < 1:

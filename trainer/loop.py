@@ -138,7 +138,7 @@ def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
     model = build_model(config, data)
     counts = model.parameter_counts()
     model_config = model.config
-    parallelize(model, config.parallel.ep_size, env.rank)
+    parallelize(model, config.parallel.ep_size, env.rank, config.parallel.dispatch)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, config.optim.weight_decay),
         config=deepspeed_config(config),
@@ -279,6 +279,15 @@ class TrainLoop:
                "train/tokens_per_sec": steps * self.tokens_per_step / seconds if seconds > 0 else float("nan"),
                "train/lr": self.engine.get_lr()[0], "moe/aux_loss": (sums[1] / sums[4]).item()}
         row["train/flops_per_sec"] = row["train/tokens_per_sec"] * self.flops_per_token
+        if self.config.parallel.dispatch == "dropless" and self.config.parallel.ep_size > 1 and seconds > 0:
+            # Measured only on the dropless path, whose all-to-alls we call ourselves; includes waiting for
+            # slower ranks, which is what an imbalanced routing costs.
+            from trainer.parallel import expert_parallel_layers
+
+            comm = sum(layer.comm_timer.seconds for _, layer in expert_parallel_layers(self.engine.module))
+            for _, layer in expert_parallel_layers(self.engine.module):
+                layer.comm_timer.seconds = 0.0
+            row["time/all_to_all_frac"] = comm / seconds
         if self.num_moe_layers:
             row["moe/dropped_frac"] = (sums[2] / sums[3]).item() if sums[3] > 0 else 0.0
             row["moe/load_cv"] = sum(load_cv(layer) for layer in load) / self.num_moe_layers

@@ -36,6 +36,7 @@ from torch import nn
 from models.experts import ACTIVATIONS, assignment_slots
 from models.modeling_hashmoe import HashMoEForCausalLM, HashMoESparseMLP, moe_layer_stats
 from models.routing import BaseRouter, RoutingInputs
+from trainer.dropless import CommTimer, dropless_moe
 
 
 class ExpertFFN(nn.Module):
@@ -99,13 +100,16 @@ class RouterGate(nn.Module):
 class ExpertParallelMoE(MoE):
     """A model's MoE FFN, its experts sharded over the expert-parallel group, tokens moved by DeepSpeed."""
 
-    def __init__(self, sparse_mlp: HashMoESparseMLP, ep_size: int, ep_rank: int, activation: str):
+    def __init__(self, sparse_mlp: HashMoESparseMLP, ep_size: int, ep_rank: int, activation: str,
+                 dispatch: str = "stock"):
         bank = sparse_mlp.experts
         hidden_size = bank.w1.shape[2]
         template = ExpertFFN(hidden_size, bank.segment_size, activation)
         super().__init__(hidden_size=hidden_size, expert=template, num_experts=bank.num_slots, ep_size=ep_size,
                          k=1, drop_tokens=False, use_rts=False)
         self.num_model_experts = bank.num_experts
+        self.dispatch = dispatch
+        self.comm_timer = CommTimer()
         self.shuffle_tokens = isinstance(sparse_mlp.router, BaseRouter)
         self.deepspeed_moe.gate = RouterGate(sparse_mlp.router, bank.num_slots, bank.num_segments)
         # Experts are deep copies of one template: copy each slot's weights from the model's full bank, so
@@ -128,7 +132,14 @@ class ExpertParallelMoE(MoE):
             # worker's balanced assignment sees a random sample rather than its own sequences.
             perm_T = torch.randperm(x_TD.shape[0], device=x_TD.device)
             x_TD = _AllToAll.apply(group, x_TD[perm_T].contiguous())
-        y_TD, _, _ = super().forward(x_TD)
+        if self.dispatch == "dropless":
+            routed = gate.router(x_TD, routing)
+            gate.last_routed = routed
+            slot_TK = assignment_slots(routed.expert_index_TK, gate.num_segments)
+            y_TD = dropless_moe(x_TD, slot_TK, routed.expert_weight_TK, self.deepspeed_moe.experts.deepspeed_experts,
+                                gate.num_slots, self.ep_size, group, self.comm_timer)
+        else:
+            y_TD, _, _ = super().forward(x_TD)
         if shuffle:
             y_TD = torch.empty_like(y_TD).index_copy_(0, perm_T, _AllToAll.apply(group, y_TD.contiguous()))
         return y_TD.view_as(x_BSD), moe_layer_stats(gate.last_routed, self.num_model_experts)
@@ -141,11 +152,13 @@ def slot_weights(w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, slot: int, num_segm
     return w1_EFD[expert, hidden], w2_EDF[expert, :, hidden]
 
 
-def parallelize(model: HashMoEForCausalLM, ep_size: int, rank: int) -> HashMoEForCausalLM:
-    """Swap each MoE FFN for its expert-parallel twin (in place). Call before deepspeed.initialize."""
+def parallelize(model: HashMoEForCausalLM, ep_size: int, rank: int, dispatch: str = "stock") -> HashMoEForCausalLM:
+    """Swap each MoE FFN for its expert-parallel twin (in place). Call before deepspeed.initialize.
+    `dispatch`: "stock" (DeepSpeed's MOELayer, padded to a common capacity) or "dropless" (trainer/dropless.py);
+    both keep DeepSpeed's groups, parameter marking and checkpoint layout, so checkpoints are interchangeable."""
     for block in model.model.layers:
         if isinstance(block.mlp, HashMoESparseMLP):
-            block.mlp = ExpertParallelMoE(block.mlp, ep_size, rank % ep_size, model.config.hidden_act)
+            block.mlp = ExpertParallelMoE(block.mlp, ep_size, rank % ep_size, model.config.hidden_act, dispatch)
     return model
 
 

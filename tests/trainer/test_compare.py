@@ -1,0 +1,182 @@
+"""Tests of `hashmoe compare` on run folders written here (config.yaml, metrics.jsonl through MetricsWriter,
+summary.json, expert-load histograms in TensorBoard): no training. The five runs are a dense baseline, a hash
+run, a switch run that drops tokens and was stopped early, an unfinished hash run without evaluation, and a
+missing folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from trainer.compare import collect_run, compare_runs
+from trainer.metrics import MetricsWriter
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENS_PER_STEP = 2048
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root: Path, name: str, model: dict, rates: list[float], ppls: dict[int, float],
+             dropped: list[float] | None = None, summary: dict | None = None) -> Path:
+    """A run folder as trainer/loop.py writes it: training rows every 10 steps at `rates` updates/s, eval rows
+    at the steps of `ppls`, one expert-load histogram per MoE layer per window."""
+    run_dir = root / name
+    config = {"run": {"name": name, "output_dir": str(run_dir), "seed": 1},
+              "model": {"hidden_size": 32, **model}, "data": {"seq_len": 64},
+              "optim": {"lr": 0.002, "max_steps": 40}}
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    moe_layers = model.get("moe_layers", [])
+    writer = MetricsWriter(run_dir, enabled=True, tensorboard=bool(moe_layers))
+    writer.log(0, {"params/total": 3_164_416, "params/trainable": 3_000_000, "params/frozen": 164_416,
+                   "params/active": 1_329_408, "params/active_non_embedding": 788_736,
+                   "train/flops_per_token": 1000.0})
+    experts = model.get("num_experts", 8)
+    for i, rate in enumerate(rates):
+        step = 10 * (i + 1)
+        row = {"train/loss": 5.0, "train/updates_per_sec": rate, "train/tokens_per_sec": rate * TOKENS_PER_STEP,
+               "train/flops_per_sec": rate * TOKENS_PER_STEP * 1000.0, "moe/aux_loss": 0.0}
+        if moe_layers:
+            row |= {"moe/dropped_frac": dropped[i] if dropped else 0.0, "moe/load_cv": 0.1}
+            for layer in range(len(moe_layers)):
+                # Final window: expert 0 takes 3 shares, the others 1 each.
+                counts = torch.ones(experts) * (step if i < len(rates) - 1 else 1)
+                counts[0] *= 3
+                writer.histogram(step, f"moe/expert_load/layer_{layer}", counts)
+        writer.log(step, row)
+        if step in ppls:
+            writer.log(step, {"valid/loss": 1.0, "valid/ppl": ppls[step]})
+    writer.close()
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("runs")
+    finished = {"step": 40, "stopped_early": False}
+    return [
+        make_run(root, "dense", {"moe_layers": []}, [1.0, 3.0, 3.0, 3.0], {20: 120.0, 40: 100.0}, summary=finished),
+        make_run(root, "hash", {"moe_layers": [1], "num_experts": 4, "router": "hash"}, [1.0, 2.0, 2.0, 4.0],
+                 {20: 100.0, 40: 80.0}, summary=finished),
+        make_run(root, "switch", {"moe_layers": [1], "num_experts": 4, "router": "switch"}, [0.5, 1.0, 2.0],
+                 {20: 90.0, 30: 95.0}, dropped=[0.1, 0.2, 0.3], summary={"step": 30, "stopped_early": True}),
+        make_run(root, "unfinished", {"moe_layers": [1], "num_experts": 8, "router": "hash"}, [1.0, 1.0], {}),
+        root / "missing",
+    ]
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory) -> Path:
+    return compare_runs(runs, tmp_path_factory.mktemp("report"))
+
+
+def table(text: str) -> dict[str, dict[str, str]]:
+    """The markdown table as {run label: {column: cell}}."""
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in text.splitlines() if line.startswith("| ")]
+    header, body = rows[0], rows[1:]
+    return {row[0]: dict(zip(header, row)) for row in body}
+
+
+def test_collect_run_numbers(runs):
+    run = collect_run(runs[1])
+    assert run.status == "finished"
+    assert run.updates_per_sec == pytest.approx(8 / 3)  # the first window (1.0) is warm-up
+    assert run.tokens_per_sec == pytest.approx(8 / 3 * TOKENS_PER_STEP)
+    assert run.tokens_per_step == pytest.approx(TOKENS_PER_STEP)
+    assert run.wall_seconds == pytest.approx(15.0)  # 40 steps / (8/3) updates/s
+    assert run.train_time[-1] == (40, pytest.approx(10 + 5 + 5 + 2.5))
+    assert run.valid == [(20, 100.0), (40, 80.0)]
+    assert run.expert_load == [[3.0, 1.0, 1.0, 1.0]]  # the last histogram only
+    switch = collect_run(runs[2])
+    assert switch.dropped_frac == pytest.approx(0.2)
+    assert switch.updates_per_sec == pytest.approx(1.5)
+    assert collect_run(runs[4]).status == "missing"
+
+
+def test_table_rows_labels_and_statuses(report):
+    text = report.read_text()
+    assert "Differing config keys: `model.moe_layers`, `model.num_experts`, `model.router`\n" in text
+    rows = table(text)
+    assert list(rows) == ["moe_layers=[]", "moe_layers=[1], num_experts=4, router=hash",
+                          "moe_layers=[1], num_experts=4, router=switch",
+                          "moe_layers=[1], num_experts=8, router=hash", "missing"]
+    dense, hashed, switch, unfinished, missing = rows.values()
+    assert (dense["router"], dense["hash function"], dense["experts"]) == ("-", "-", "dense")
+    assert (hashed["router"], hashed["hash function"], hashed["experts"]) == ("hash", "balanced", "4")
+    assert (switch["router"], switch["hash function"], switch["experts"]) == ("switch", "-", "4")
+    assert (hashed["params total"], hashed["params trainable"], hashed["params active"]) == ("3.16M", "3.00M",
+                                                                                           "1.33M")
+    assert (hashed["updates/s"], hashed["tokens/s"], hashed["wall time"]) == ("2.67", "5,461", "15s")
+    assert (hashed["final valid ppl"], hashed["best valid ppl"]) == ("80.00", "80.00")
+    assert (switch["final valid ppl"], switch["best valid ppl"]) == ("95.00", "90.00")
+    assert (switch["dropped frac"], switch["load CV"]) == ("0.2000", "0.100")
+    assert (dense["dropped frac"], dense["load CV"], dense["updates/s"]) == ("-", "-", "3.00")
+    assert unfinished["updates/s"] == "1.00"  # two windows: no warm-up exclusion
+    assert (unfinished["final valid ppl"], unfinished["best valid ppl"]) == ("-", "-")
+    assert missing["params total"] == missing["updates/s"] == "-"
+    assert [r["status"] for r in rows.values()] == ["finished", "finished", "stopped early", "unfinished",
+                                                    "missing"]
+    notes = text.split("## Notes")[1].split("##")[0]
+    assert "- missing: folder not found" in notes
+    assert "num_experts=8, router=hash: unfinished: no summary.json" in notes
+    assert "num_experts=8, router=hash: no evaluation rows" in notes
+    for name in ("valid_ppl_vs_step.png", "valid_ppl_vs_time.png", "valid_ppl_vs_flops.png",
+                 "updates_per_sec.png", "expert_load.png"):
+        assert f"]({name})" in text
+
+
+def test_plots_are_png(report):
+    for name in ("valid_ppl_vs_step.png", "valid_ppl_vs_time.png", "valid_ppl_vs_flops.png",
+                 "updates_per_sec.png", "expert_load.png"):
+        data = (report.parent / name).read_bytes()
+        assert data[:8] == PNG_MAGIC, name
+        assert len(data) > 1024, name
+
+
+def test_labels_router_only_and_folder_fallback(runs, tmp_path):
+    rows = table(compare_runs(runs[1:3], tmp_path / "a").read_text())
+    assert list(rows) == ["router=hash", "router=switch"]
+    shutil.copytree(runs[1], tmp_path / "hash_copy")
+    same = compare_runs([runs[1], tmp_path / "hash_copy"], tmp_path / "b").read_text()
+    assert "Differing config keys: none (runs labelled by folder name)" in same
+    assert list(table(same)) == ["hash", "hash_copy"]
+
+
+def test_folder_without_metrics(tmp_path, runs):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = collect_run(empty)
+    assert run.status == "missing" and "no metrics.jsonl" in run.notes[0]
+
+
+def hashmoe(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_compare(runs, tmp_path):
+    out = tmp_path / "out"
+    result = hashmoe("compare", str(runs[1]), str(runs[2]), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "| router=hash | hash | balanced |" in result.stdout
+    assert "| router=switch | switch | - |" in result.stdout
+    assert (out / "report.md").is_file()
+
+
+def test_cli_compare_only_missing_runs(tmp_path):
+    result = hashmoe("compare", str(tmp_path / "nope1"), str(tmp_path / "nope2"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "hashmoe: error: RUN_DIR:" in result.stderr and "nope1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,347 @@
+"""`hashmoe compare RUN_DIR...`: one markdown table (report.md, also printed) and PNG plots comparing run
+folders written by `hashmoe train`. Runs are labelled by the config keys whose values differ between them.
+Broken inputs (missing folder, no metrics, unfinished run, no evaluation) become a status and a note, not a crash.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from trainer.errors import UserError
+from trainer.metrics import read_metrics
+
+PLOTS = {"valid_ppl_vs_step.png": "valid ppl vs step", "valid_ppl_vs_time.png": "valid ppl vs training time",
+         "valid_ppl_vs_flops.png": "valid ppl vs training FLOPs", "updates_per_sec.png": "updates per second",
+         "expert_load.png": "final expert load per MoE layer"}
+IGNORED_KEYS = {"run.name", "run.output_dir"}  # always differ between runs, say nothing about them
+# Model keys that mean nothing for a dense model: pruned so a dense baseline is labelled by moe_layers alone.
+MOE_ONLY_KEYS = {"num_experts", "expert_intermediate_size", "router", "num_experts_per_tok", "capacity_factor",
+                 "eval_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter",
+                 "router_init_scale", "base_centroid_gain", "output_router_logits"}
+HASH_ONLY_KEYS = {"hash_function", "hash_heads", "hash_seed"}
+COLUMNS = ["run", "router", "hash function", "experts", "params total", "params trainable", "params active",
+           "updates/s", "tokens/s", "final valid ppl", "best valid ppl", "dropped frac", "load CV", "wall time",
+           "status"]
+
+
+@dataclass
+class RunSummary:
+    path: Path
+    status: str  # finished | stopped early | unfinished | missing
+    config: dict = field(default_factory=dict)  # flattened dotted keys, model defaults filled in
+    params: dict = field(default_factory=dict)  # total / trainable / frozen / active ... (step-0 row)
+    flops_per_token: float | None = None
+    tokens_per_step: float | None = None
+    updates_per_sec: float | None = None  # mean over logged windows, warm-up window excluded
+    tokens_per_sec: float | None = None
+    dropped_frac: float | None = None
+    load_cv: float | None = None
+    steps: int = 0  # last trained step
+    train_time: list = field(default_factory=list)  # (step, cumulative optimizer seconds) per training row
+    valid: list = field(default_factory=list)  # (step, valid ppl) per eval row
+    expert_load: list = field(default_factory=list)  # final token count per expert, one list per MoE layer
+    notes: list = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "missing"
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """Optimizer time at the steady rate: steps / mean updates/s (no warm-up, eval or checkpoint time)."""
+        return self.steps / self.updates_per_sec if self.updates_per_sec else None
+
+    def model(self, key: str, default=None):
+        return self.config.get(f"model.{key}", default)
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.model("moe_layers"))
+
+
+def model_defaults() -> dict:
+    """HashMoEConfig's field defaults, read from the source rather than imported: importing it pulls in
+    transformers (seconds), which a report does not need. Fields whose default is not a literal are skipped."""
+    source = Path(__file__).resolve().parent.parent / "models" / "configuration_hashmoe.py"
+    defaults = {}
+    for node in ast.parse(source.read_text()).body if source.is_file() else []:
+        if isinstance(node, ast.ClassDef) and node.name == "HashMoEConfig":
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value:
+                    with contextlib.suppress(ValueError):
+                        defaults[item.target.id] = ast.literal_eval(item.value)
+    return defaults
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_config(path: Path, defaults: dict) -> dict:
+    raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    model = {**defaults, **(raw.get("model") or {})}
+    model["moe_layers"] = sorted(model.get("moe_layers") or [])  # None (the default) means dense, as []
+    if not model["moe_layers"]:
+        model = {k: v for k, v in model.items() if k not in MOE_ONLY_KEYS | HASH_ONLY_KEYS}
+    elif model.get("router") != "hash":
+        model = {k: v for k, v in model.items() if k not in HASH_ONLY_KEYS}
+    return {k: v for k, v in flatten({**raw, "model": model}).items() if k not in IGNORED_KEYS}
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def collect_run(path, defaults: dict | None = None) -> RunSummary:
+    path = Path(path)
+    run = RunSummary(path=path, status="missing", label=path.name)
+    if not path.is_dir():
+        run.notes.append("folder not found")
+        return run
+    rows = read_metrics(path)
+    if not rows:
+        run.notes.append("no metrics.jsonl (or it is empty): nothing to compare")
+        return run
+    if (path / "config.yaml").is_file():
+        run.config = read_config(path, model_defaults() if defaults is None else defaults)
+    else:
+        run.notes.append("no config.yaml: router, experts and label unknown")
+    summary_file = path / "summary.json"
+    if summary_file.is_file():
+        run.status = "stopped early" if json.loads(summary_file.read_text()).get("stopped_early") else "finished"
+    else:
+        run.status = "unfinished"
+        run.notes.append("unfinished: no summary.json (still running, or killed); numbers cover the logged steps")
+    first = next((r for r in rows if "params/total" in r), {})
+    run.params = {k.split("/", 1)[1]: v for k, v in first.items() if k.startswith("params/")}
+    run.flops_per_token = first.get("train/flops_per_token")
+    train = [r for r in rows if "train/updates_per_sec" in r]
+    # The first window holds compilation, allocator and cache warm-up: leave it out once there is enough left.
+    steady = train[1:] if len(train) >= 3 else train
+    run.updates_per_sec = _mean(r["train/updates_per_sec"] for r in steady)
+    run.tokens_per_sec = _mean(r.get("train/tokens_per_sec") for r in steady)
+    run.dropped_frac = _mean(r.get("moe/dropped_frac") for r in train)
+    run.load_cv = _mean(r.get("moe/load_cv") for r in train)
+    run.steps = max((r["step"] for r in train), default=0)
+    # Every row has tokens/s = updates/s x tokens per step, so the ratio of the means is exact.
+    if run.updates_per_sec and run.tokens_per_sec:
+        run.tokens_per_step = run.tokens_per_sec / run.updates_per_sec
+    # Each row covers the steps since the previous row at its measured rate; their sum is optimizer time.
+    seconds, previous = 0.0, 0
+    for r in train:
+        if (r["train/updates_per_sec"] or 0) > 0:
+            seconds += (r["step"] - previous) / r["train/updates_per_sec"]
+        previous = r["step"]
+        run.train_time.append((r["step"], seconds))
+    run.valid = [(r["step"], r["valid/ppl"]) for r in rows if "valid/ppl" in r]
+    if not run.valid:
+        run.notes.append("no evaluation rows: valid ppl unknown")
+    if run.is_moe:
+        run.expert_load = read_expert_load(path)
+    return run
+
+
+def read_expert_load(path: Path) -> list:
+    """The last `moe/expert_load/layer_i` histogram of each layer (bucket e = tokens routed to expert e)."""
+    if not (path / "tb").is_dir():
+        return []
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(path / "tb"), size_guidance={ea.HISTOGRAMS: 0, ea.SCALARS: 1, ea.TENSORS: 1})
+    acc.Reload()
+    tags = [t for t in acc.Tags().get("histograms", []) if t.startswith("moe/expert_load/layer_")]
+    tags.sort(key=lambda t: int(t.rsplit("_", 1)[1]))
+    return [list(max(acc.Histograms(t), key=lambda e: e.step).histogram_value.bucket) for t in tags]
+
+
+def differing_keys(runs: list[RunSummary]) -> list[str]:
+    """Keys with two or more values among the runs where they apply (a key pruned from a dense run does not
+    count: the key that made it irrelevant, moe_layers or router, differs itself)."""
+    configs = [r.config for r in runs if r.ok and r.config]
+    differing = []
+    for key in sorted({k for c in configs for k in c}):
+        values = [c[key] for c in configs if key in c]
+        if any(v != values[0] for v in values[1:]):
+            differing.append(key)
+    return differing
+
+
+def fmt_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def assign_labels(runs: list[RunSummary], keys: list[str]) -> None:
+    # Short names (last component) unless two differing keys share one (optim.lr vs some.lr).
+    shorts = [k.rsplit(".", 1)[-1] for k in keys]
+    names = [s if shorts.count(s) == 1 else k for k, s in zip(keys, shorts)]
+    for run in runs:
+        if run.ok and run.config and keys:
+            run.label = ", ".join(f"{n}={fmt_value(run.config[k])}" for k, n in zip(keys, names) if k in run.config)
+    labels = [r.label for r in runs]
+    for run in runs:  # identical configs in two folders: the folder tells them apart
+        if labels.count(run.label) > 1 and run.label != run.path.name:
+            run.label = f"{run.label} ({run.path.name})"
+
+
+def human(n) -> str:
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def fmt_seconds(s) -> str:
+    if s is None:
+        return "-"
+    s = round(s)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+def table_row(run: RunSummary) -> list[str]:
+    moe = run.ok and run.config and run.is_moe
+    router = run.model("router", "-") if moe else "-"
+    hash_fn = run.model("hash_function", "-") if router == "hash" else "-"
+    if router == "hash" and (run.model("hash_heads") or 1) > 1:
+        hash_fn += f" ({run.model('hash_heads')} heads)"
+    experts = str(run.model("num_experts")) if moe else "dense" if run.config else "-"
+    ppls = [p for _, p in run.valid]
+    return [run.label, router, hash_fn, experts, human(run.params.get("total")),
+            human(run.params.get("trainable")), human(run.params.get("active")), fmt(run.updates_per_sec, ".2f"),
+            fmt(run.tokens_per_sec, ",.0f"), fmt(ppls[-1] if ppls else None, ".2f"),
+            fmt(min(ppls) if ppls else None, ".2f"), fmt(run.dropped_frac, ".4f"), fmt(run.load_cv, ".3f"),
+            fmt_seconds(run.wall_seconds), run.status]
+
+
+def render_report(runs: list[RunSummary], keys: list[str]) -> str:
+    lines = ["# hashmoe compare", "",
+             "Differing config keys: " + (", ".join(f"`{k}`" for k in keys) if keys
+                                          else "none (runs labelled by folder name)"), "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in table_row(r)) + " |" for r in runs]
+    lines += ["", "Run folders:"] + [f"- {r.label}: `{r.path}`" for r in runs]
+    notes = [f"- {r.label}: {n}" for r in runs for n in r.notes]
+    lines += ["", "## Notes"] + (notes or ["- none"])
+    lines += ["", "## How the numbers are computed",
+              "- updates/s, tokens/s: mean of the logged windows' rates (optimizer steps only: the trainer "
+              "excludes evaluation and checkpointing), without the first window (warm-up) when a run has >= 3.",
+              "- wall time: trained steps / mean updates/s, i.e. optimizer time at the steady rate "
+              "(no warm-up, evaluation or checkpointing).",
+              "- dropped frac, load CV: mean over all logged windows. ppl: validation perplexity at the last "
+              "evaluation (final) and the lowest one (best).",
+              "- time axis: sum over windows of steps / measured updates/s. FLOPs axis: step x "
+              "train/flops_per_token x tokens per step (active parameters only).", "", "## Plots"]
+    lines += [f"![{title}]({name})" for name, title in PLOTS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(runs: list[RunSummary], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    evaluated = [r for r in runs if r.valid]
+
+    def save(fig, name: str):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+
+    def ppl_plot(name: str, xlabel: str, x_of):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run in evaluated:
+            points = [(x_of(run, s), p) for s, p in run.valid]
+            points = [(x, p) for x, p in points if x is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=run.label)
+        ax.set(xlabel=xlabel, ylabel="valid ppl", yscale="log", title=PLOTS[name])
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no run with evaluation rows", ha="center", transform=ax.transAxes)
+        save(fig, name)
+
+    def seconds_at(run, step):  # training time at an eval step, interpolated between logged windows
+        if not run.train_time:
+            return None
+        steps, seconds = zip(*([(0, 0.0)] + run.train_time))
+        return float(np.interp(step, steps, seconds))
+
+    # FLOPs from the model's per-token cost and the batch: exact, where flops_per_sec x time would add the
+    # timing noise of each window to the x axis.
+    def flops_at(run, step):
+        return step * run.flops_per_token * run.tokens_per_step if run.flops_per_token and run.tokens_per_step \
+            else None
+
+    ppl_plot("valid_ppl_vs_step.png", "step", lambda run, step: step)
+    ppl_plot("valid_ppl_vs_time.png", "training wall-clock (s, optimizer steps only)", seconds_at)
+    ppl_plot("valid_ppl_vs_flops.png", "training FLOPs (active parameters)", flops_at)
+
+    timed = [r for r in runs if r.updates_per_sec]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(timed) + 2), 4.5))
+    ax.bar(range(len(timed)), [r.updates_per_sec for r in timed], color="tab:blue")
+    ax.set_xticks(range(len(timed)), [r.label for r in timed], rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="updates/s (mean, warm-up excluded)", title=PLOTS["updates_per_sec.png"])
+    save(fig, "updates_per_sec.png")
+
+    loaded = [r for r in runs if r.expert_load]
+    cols = max((len(r.expert_load) for r in loaded), default=1)
+    fig, axes = plt.subplots(max(1, len(loaded)), cols, figsize=(3.6 * cols + 1, 2.8 * max(1, len(loaded))),
+                             squeeze=False)
+    for row, run in enumerate(loaded):
+        for col, counts in enumerate(run.expert_load):
+            total = sum(counts) or 1.0
+            ax = axes[row][col]
+            ax.bar(range(len(counts)), [c / total for c in counts], color="tab:green")
+            ax.axhline(1 / len(counts), color="black", linestyle="--", linewidth=1, label="1/E (balanced)")
+            layers = run.model("moe_layers") or []  # histogram layer_i is the i-th MoE block
+            ax.set_title(f"{run.label}\nblock {layers[col] if col < len(layers) else col}", fontsize=8)
+            ax.set(xlabel="expert", ylabel="share of tokens", xticks=range(0, len(counts), max(1, len(counts) // 8)))
+            ax.legend(fontsize=7)
+    for ax in [a for line in axes for a in line if not a.has_data()]:
+        ax.axis("off")
+    if not loaded:
+        axes[0][0].text(0.5, 0.5, "no MoE run with expert-load histograms", ha="center", va="center")
+    save(fig, "expert_load.png")
+
+
+def compare_runs(paths, out_dir) -> Path:
+    """Collect every run, write report.md and the PNGs into out_dir; returns the report's path."""
+    defaults = model_defaults()
+    runs = [collect_run(p, defaults) for p in paths]
+    if not any(r.ok for r in runs):
+        listed = ", ".join(f"{r.path} ({r.notes[0]})" for r in runs)
+        raise UserError("RUN_DIR", f"no run to compare: {listed}",
+                        "Pass run folders written by `hashmoe train` (each holds metrics.jsonl).")
+    keys = differing_keys(runs)
+    assign_labels(runs, keys)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_plots(runs, out_dir)
+    report = out_dir / "report.md"
+    report.write_text(render_report(runs, keys))
+    return report
