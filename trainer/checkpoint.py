@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer import portable_optim
+
 STATE_FILE = "hashmoe_state.json"
 
 
@@ -61,6 +63,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict, keep: int, ra
     _barrier()
     engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
     torch.save(rng_state(), staging / tag / f"rng_rank_{rank}.pt")
+    portable_optim.save(engine, staging / tag, rank)
     if rank == 0:
         (staging / tag / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
     _barrier()
@@ -84,9 +87,10 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine, checkpoint_dir: Path, rank: int, same_layout: bool) -> None:
-    """Model weights always; optimizer and RNG only when world size and ep_size are those of the save:
-    DeepSpeed cannot re-shard MoE optimizer state (it raises on a different layout)."""
+def load_checkpoint(engine, checkpoint_dir: Path, rank: int, same_layout: bool) -> bool:
+    """Model weights and schedule always. Same layout: DeepSpeed's optimizer state and this rank's RNG.
+    Another layout: DeepSpeed cannot re-shard MoE optimizer state (it raises), so the moments come from the
+    by-name copy (ZeRO-0); returns False when they could not be restored (ZeRO-1/2 at a new layout)."""
     checkpoint_dir = Path(checkpoint_dir)
     path, _ = engine.load_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name,
                                      load_optimizer_states=same_layout, load_lr_scheduler_states=True)
@@ -95,6 +99,14 @@ def load_checkpoint(engine, checkpoint_dir: Path, rank: int, same_layout: bool) 
     rng_file = checkpoint_dir / f"rng_rank_{rank}.pt"
     if same_layout and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
+    if same_layout:
+        return True
+    # The optimizer's own state dict (not loaded here) is what carries each group's current lr; the restored
+    # scheduler knows it, so apply it before the next step.
+    if engine.lr_scheduler is not None:
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    return portable_optim.load(engine, checkpoint_dir)
 
 
 def _barrier() -> None:

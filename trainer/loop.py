@@ -149,13 +149,15 @@ def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
     if previous is not None:
         state = ckpt.read_state(previous)
         same_layout = state["world_size"] == env.world_size and state["ep_size"] == config.parallel.ep_size
-        ckpt.load_checkpoint(engine, previous, env.rank, same_layout)
+        moments = ckpt.load_checkpoint(engine, previous, env.rank, same_layout)
         start_step = state["step"]
         if env.is_main:
             truncate_metrics(run_dir, start_step)
+            restored = "optimizer moments restored by name" if moments else (
+                "optimizer moments reset (DeepSpeed cannot re-shard ZeRO-1/2 MoE optimizer state)")
             note = "" if same_layout else (f" at a new layout (world {state['world_size']}->{env.world_size}, "
                                            f"ep_size {state['ep_size']}->{config.parallel.ep_size}): weights, "
-                                           "schedule and data position restored, optimizer moments reset")
+                                           f"schedule and data position restored, {restored}")
             print(f"hashmoe: resuming from {previous} (step {start_step}){note}", flush=True)
 
     summary = TrainLoop(config, env, engine, data, model_config, counts).run(start_step)
