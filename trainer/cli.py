@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hashmoe {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+    # The deepspeed launcher inserts --local_rank=N before the command; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser("train", help="train one run (one process, or one rank under a launcher)",
@@ -38,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(train)
     train.add_argument("--resume", action="store_true",
                        help="require a checkpoint to resume from (otherwise resuming is automatic)")
-    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
-    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
     launch = commands.add_parser("launch", help="start N local processes (torchrun) running `train`",
                                  description="Start N local ranks on this machine (loopback rendezvous).")

@@ -1,5 +1,6 @@
 """The trainer end to end on 2 gloo ranks and 1 process: real DeepSpeed engine, real process groups."""
 
+import json
 import math
 
 import pytest
@@ -97,3 +98,25 @@ def test_metrics_jsonl_and_tensorboard_carry_the_named_tags(corpus, tmp_path):
     assert train_tags | {"valid/loss", "valid/ppl"} <= set(events.Tags()["scalars"])
     assert "moe/expert_load/layer_0" in events.Tags()["histograms"]
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "hashmoe-launch"])
+def test_same_command_under_other_launchers(launcher, corpus, tmp_path):
+    """The deepspeed launcher (which inserts --local_rank=N) and `hashmoe launch --nproc 2` start 2 ranks."""
+    import sys
+
+    from trainer.distributed import free_port
+
+    corpus_file, cache = corpus
+    run_dir = tmp_path / "run"
+    config = base_config(run_dir, corpus_file, cache, parallel__ep_size=2, optim__micro_batch_size=2,
+                         optim__max_steps=3)
+    path = str(write_config(tmp_path / "run.yaml", config))
+    if launcher == "deepspeed":
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), "--module", "trainer.cli", "train", path]
+    else:
+        command = [sys.executable, "-m", "trainer.cli", "launch", path, "--nproc", "2"]
+    check(run(command))
+    assert sorted(train_rows(run_dir)) == [1, 2, 3]
+    assert json.loads((run_dir / "checkpoints" / "step_3" / "hashmoe_state.json").read_text())["world_size"] == 2
