@@ -23,6 +23,7 @@ HASH_FUNCTIONS = (
 # (several data-fitted tables would all be the same partition, which defeats multi-hash).
 SEEDED_HASH_FUNCTIONS = ("random", "bigram", "prev_token", "position", "oracle_future")
 ACTIVATIONS = ("gelu", "relu", "silu")
+RECURRENCES = ("ladder",)
 
 
 class HashMoEConfig(PretrainedConfig):
@@ -77,6 +78,11 @@ class HashMoEConfig(PretrainedConfig):
             `sqrt(router_init_scale / hidden_size)`.
         base_centroid_gain (`float`, defaults to 0.1): gain of the orthogonal init of BASE expert centroids.
         output_router_logits (`bool`, defaults to False): return router logits and expert assignments.
+
+    Computation without parameters (Ju et al. 2021):
+        recurrence (`dict`, *optional*): `{"kind": "ladder", "steps": K}` applies the whole layer stack K times
+            with shared weights (K x the compute, the same parameters); generation keeps a separate KV cache
+            per ladder step. `None` (default): one pass.
     """
 
     model_type = "hashmoe"
@@ -114,6 +120,7 @@ class HashMoEConfig(PretrainedConfig):
     router_init_scale: float = 0.1
     base_centroid_gain: float = 0.1
     output_router_logits: bool = False
+    recurrence: dict | None = None
 
     def __post_init__(self, **kwargs):
         self.moe_layers = sorted(int(i) for i in (self.moe_layers or []))
@@ -173,10 +180,24 @@ class HashMoEConfig(PretrainedConfig):
                 fail(field, f"got {getattr(self, field)!r}", "Use a non-negative number.")
         if self.router_jitter >= 1:
             fail("router_jitter", f"got {self.router_jitter!r}", "Use eps in [0, 1).")
+        if self.recurrence is not None:
+            if not isinstance(self.recurrence, dict) or self.recurrence.get("kind") not in RECURRENCES:
+                fail("recurrence", f"got {self.recurrence!r}",
+                     f"Use null, or a mapping with kind one of {RECURRENCES}, e.g. {{kind: ladder, steps: 2}}.")
+            unknown = set(self.recurrence) - {"kind", "steps"}
+            steps = self.recurrence.get("steps")
+            if unknown or not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                fail("recurrence", f"got {self.recurrence!r}", "A ladder takes one key besides kind: steps, "
+                     "a positive integer (the number of passes through the stack).")
 
     @property
     def is_moe(self) -> bool:
         return bool(self.moe_layers)
+
+    @property
+    def ladder_steps(self) -> int:
+        """Passes through the layer stack per forward (1 without recurrence)."""
+        return self.recurrence["steps"] if self.recurrence else 1
 
 
 __all__ = ["HashMoEConfig"]

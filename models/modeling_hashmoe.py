@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.utils import ModelOutput
 
 from .configuration_hashmoe import HashMoEConfig
@@ -186,12 +186,25 @@ class HashMoEModel(HashMoEPreTrainedModel):
         routing = routing_inputs(input_ids, position_ids, self.config.vocab_size, prev_token_ids, next_token_ids)
         allowed_B1SP = attention_allowed(attention_mask, B, S, past_len, input_ids.device)
         x_BSD = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
+        num_layers, steps = len(self.layers), self.config.ladder_steps
+        reserve_cache_layers(past_key_values, steps * num_layers)
         layer_stats = []
-        for index, block in enumerate(self.layers):
-            x_BSD, stats = block(x_BSD, allowed_B1SP, past_key_values, index, routing)
-            if stats is not None:
-                layer_stats.append(stats)
+        # Ladder (Ju et al. 2021): the same stack K times. Step k of layer i attends to its own cached keys
+        # (cache slot k * L + i): a cache shared across steps would mix states of different depths.
+        for step in range(steps):
+            for index, block in enumerate(self.layers):
+                x_BSD, stats = block(x_BSD, allowed_B1SP, past_key_values, step * num_layers + index, routing)
+                if stats is not None:
+                    layer_stats.append(stats)
         return self.norm(x_BSD), layer_stats
+
+
+def reserve_cache_layers(cache, num_layers: int) -> None:
+    """generate() sizes its DynamicCache for num_hidden_layers; a ladder needs one cache layer per step."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        while len(layers) < num_layers:
+            layers.append(DynamicLayer())
 
 
 def routing_inputs(input_ids_BS, position_ids_BS, vocab_size, prev_token_ids_B1=None, next_token_ids_B1=None):
@@ -219,6 +232,15 @@ def attention_allowed(attention_mask_BP, B, S, past_len, device):
     # A padding query would see no key at all (NaN softmax): let every query see itself.
     allowed_BSP = allowed_SP[None] & (key_real_BP[:, None, :] | (key_pos_P[None, :] == query_pos_S1)[None])
     return allowed_BSP[:, None]
+
+
+def per_layer_load(layer_stats: list[MoELayerStats], num_moe_layers: int) -> tuple[torch.Tensor, ...]:
+    """Tokens per expert for each MoE layer, summed over ladder passes (stats arrive pass after pass)."""
+    loads = [None] * num_moe_layers
+    for i, stats in enumerate(layer_stats):
+        j = i % num_moe_layers
+        loads[j] = stats.tokens_per_expert_E if loads[j] is None else loads[j] + stats.tokens_per_expert_E
+    return tuple(load for load in loads if load is not None)
 
 
 class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
@@ -264,7 +286,7 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
             loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, past_key_values=past_key_values,
             router_logits=tuple(s.router.router_logits_TE for s in layer_stats) if output_router_logits else None,
             expert_indices=tuple(s.router.expert_index_TK for s in layer_stats) if output_router_logits else None,
-            expert_load=tuple(s.tokens_per_expert_E for s in layer_stats),
+            expert_load=per_layer_load(layer_stats, len(self.config.moe_layers)),
             dropped_tokens=sum((s.dropped for s in layer_stats), torch.zeros((), dtype=torch.long)),
         )
 

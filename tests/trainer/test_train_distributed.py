@@ -23,6 +23,7 @@ ROUTERS = {
     "switch": {"model__router": "switch"},
     "base": {"model__router": "base"},
     "topk": {"model__router": "topk"},
+    "hash-ladder": {"model__recurrence": {"kind": "ladder", "steps": 2}},
 }
 
 

@@ -1,0 +1,86 @@
+"""Ladder (Ju et al. 2021): the layer stack applied K times with shared weights, one KV cache per step."""
+
+import pytest
+import torch
+
+from models import HashMoEForCausalLM
+from models.modeling_hashmoe import HashMoEBlock
+from tests.conftest import tiny_config
+
+LADDER = {"kind": "ladder", "steps": 3}
+
+
+def build(**extra):
+    torch.manual_seed(0)
+    return HashMoEForCausalLM(tiny_config(**extra)).eval()
+
+
+@pytest.mark.parametrize("router", [dict(router="hash", hash_function="bigram"), dict(router="switch"),
+                                    dict(router="base"), dict(moe_layers=[])])
+def test_ladder_generation_with_cache_equals_without(router):
+    model = build(recurrence=LADDER, **router)
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_a_cache_shared_across_ladder_steps_would_be_caught(monkeypatch):
+    """The bug the paper's reference code appears to have: every step writing to layer i's cache slot."""
+    model = build(recurrence=LADDER, router="hash", hash_function="random")
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    correct = model.generate(prompt, use_cache=False, **kwargs)
+    original = HashMoEBlock.forward
+    num_layers = model.config.num_hidden_layers
+    monkeypatch.setattr(HashMoEBlock, "forward", lambda self, x, allowed, cache, index, routing: original(
+        self, x, allowed, cache, index % num_layers, routing))
+    try:
+        shared = model.generate(prompt, use_cache=True, **kwargs)
+    except RuntimeError:  # here the shared slot grows twice per token and the mask no longer fits
+        return
+    assert not torch.equal(shared, correct)
+
+
+def test_one_step_ladder_is_the_plain_model_and_more_steps_reuse_the_same_weights():
+    plain, one, three = build(), build(recurrence={"kind": "ladder", "steps": 1}), build(recurrence=LADDER)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(one(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    assert not torch.allclose(three(ids).logits, plain(ids).logits)
+    assert three.parameter_counts() == plain.parameter_counts()  # computation without parameters
+    out = three(ids, output_router_logits=True)
+    assert len(out.expert_indices) == 3  # one routing per pass through the MoE layer
+    assert int(out.expert_load[0].sum()) == 3 * ids.numel()
+
+
+def test_manual_ladder_reference():
+    """Three passes through the shared blocks, by hand, give the model's logits."""
+    model = build(recurrence=LADDER, router="hash", hash_function="random")
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    inner = model.model
+    from models.modeling_hashmoe import routing_inputs
+
+    positions = torch.arange(7)[None]
+    routing = routing_inputs(ids, positions, 64)
+    x = inner.embed_tokens(ids) + inner.embed_positions(positions)
+    for _ in range(3):
+        for block in inner.layers:
+            x, _ = block(x, None, None, 0, routing)
+    torch.testing.assert_close(model(ids, use_cache=False).logits, model.lm_head(inner.norm(x)), rtol=0, atol=0)
+
+
+def test_ladder_round_trips_through_save_and_load(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build(recurrence=LADDER)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.recurrence == LADDER
+    ids = torch.randint(0, 64, (2, 6))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recurrence", [{"kind": "spiral", "steps": 2}, {"kind": "ladder", "steps": 0},
+                                        {"kind": "ladder"}, {"kind": "ladder", "steps": 2, "width": 3}, "ladder"])
+def test_bad_recurrence_is_named(recurrence):
+    with pytest.raises(ValueError, match=r"HashMoEConfig\.recurrence:"):
+        tiny_config(recurrence=recurrence)
