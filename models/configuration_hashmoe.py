@@ -24,6 +24,7 @@ HASH_FUNCTIONS = (
 SEEDED_HASH_FUNCTIONS = ("random", "bigram", "prev_token", "position", "oracle_future")
 ACTIVATIONS = ("gelu", "relu", "silu")
 RECURRENCES = ("ladder",)
+FFN_LINEARS = ("dense", "monarch")
 
 
 class HashMoEConfig(PretrainedConfig):
@@ -79,6 +80,15 @@ class HashMoEConfig(PretrainedConfig):
         base_centroid_gain (`float`, defaults to 0.1): gain of the orthogonal init of BASE expert centroids.
         output_router_logits (`bool`, defaults to False): return router logits and expert assignments.
 
+    Parameters without training (Chatelain et al. 2021), dense FFN layers only:
+        frozen_ffn_size (`int`, defaults to 0): extra hidden units per dense FFN whose weights are random,
+            drawn from `frozen_seed`, stored as buffers and never trained ("doping").
+        frozen_seed (`int`, defaults to 0): seed of the frozen units; layer i uses `frozen_seed + 1000 * i`.
+        ffn_linear (`str`, defaults to `"dense"`): `dense` or `monarch` (a product of two block-diagonal
+            factors, `models/structured.py`) for the dense FFN's two projections.
+        monarch_blocks (`int`, defaults to 4): blocks of the Monarch factors; must divide hidden_size and
+            intermediate_size.
+
     Computation without parameters (Ju et al. 2021):
         recurrence (`dict`, *optional*): `{"kind": "ladder", "steps": K}` applies the whole layer stack K times
             with shared weights (K x the compute, the same parameters); generation keeps a separate KV cache
@@ -121,6 +131,10 @@ class HashMoEConfig(PretrainedConfig):
     base_centroid_gain: float = 0.1
     output_router_logits: bool = False
     recurrence: dict | None = None
+    frozen_ffn_size: int = 0
+    frozen_seed: int = 0
+    ffn_linear: str = "dense"
+    monarch_blocks: int = 4
 
     def __post_init__(self, **kwargs):
         self.moe_layers = sorted(int(i) for i in (self.moe_layers or []))
@@ -180,6 +194,14 @@ class HashMoEConfig(PretrainedConfig):
                 fail(field, f"got {getattr(self, field)!r}", "Use a non-negative number.")
         if self.router_jitter >= 1:
             fail("router_jitter", f"got {self.router_jitter!r}", "Use eps in [0, 1).")
+        if not isinstance(self.frozen_ffn_size, int) or self.frozen_ffn_size < 0:
+            fail("frozen_ffn_size", f"got {self.frozen_ffn_size!r}", "Use 0 (no doping) or a positive integer.")
+        if self.ffn_linear not in FFN_LINEARS:
+            fail("ffn_linear", f"unknown linear layer {self.ffn_linear!r}", f"Use one of {FFN_LINEARS}.")
+        if self.ffn_linear == "monarch" and (self.monarch_blocks < 1 or self.hidden_size % self.monarch_blocks
+                                             or self.intermediate_size % self.monarch_blocks):
+            fail("monarch_blocks", f"{self.monarch_blocks} does not divide hidden_size={self.hidden_size} and "
+                 f"intermediate_size={self.intermediate_size}", "Pick a block count dividing both.")
         if self.recurrence is not None:
             if not isinstance(self.recurrence, dict) or self.recurrence.get("kind") not in RECURRENCES:
                 fail("recurrence", f"got {self.recurrence!r}",

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 from .configuration_hashmoe import HashMoEConfig
 from .experts import ACTIVATIONS, ExpertBank, dispatch_local, expert_init_std
 from .routing import BaseRouter, HashRouter, RouterOutput, RoutingInputs, SoftmaxRouter, build_router
+from .structured import MonarchLinear
 
 
 @dataclass
@@ -76,16 +77,36 @@ class HashMoEAttention(nn.Module):
 
 
 class HashMoEMLP(nn.Module):
-    """Dense FFN: act(x W1^T) W2^T."""
+    """Dense FFN: act(x W1^T) W2^T, optionally with structured (Monarch) projections, plus optional frozen
+    random hidden units ("doping", Chatelain et al. 2021): act(x U^T) V^T with U, V fixed by a seed, stored
+    as buffers, never in the optimizer and never receiving gradients."""
 
-    def __init__(self, config: HashMoEConfig):
+    def __init__(self, config: HashMoEConfig, layer_idx: int = 0):
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        D, F = config.hidden_size, config.intermediate_size
+        if config.ffn_linear == "monarch":
+            self.up_proj = MonarchLinear(D, F, config.monarch_blocks)
+            self.down_proj = MonarchLinear(F, D, config.monarch_blocks)
+        else:
+            self.up_proj = nn.Linear(D, F, bias=False)
+            self.down_proj = nn.Linear(F, D, bias=False)
         self.act = ACTIVATIONS[config.hidden_act]
+        self.frozen_size = config.frozen_ffn_size
+        if self.frozen_size:
+            std, out_std = expert_init_std(config.initializer_range, config.num_hidden_layers)
+            # Drawn on CPU from the seed alone (also under from_pretrained's meta device): same on every rank.
+            with torch.device("cpu"):
+                generator = torch.Generator().manual_seed(config.frozen_seed + 1000 * layer_idx)
+                frozen_up = torch.randn(self.frozen_size, D, generator=generator) * std
+                frozen_down = torch.randn(D, self.frozen_size, generator=generator) * out_std
+            self.register_buffer("frozen_up", frozen_up)
+            self.register_buffer("frozen_down", frozen_down)
 
     def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs) -> tuple[torch.Tensor, None]:
-        return self.down_proj(self.act(self.up_proj(x_BSD))), None
+        y_BSD = self.down_proj(self.act(self.up_proj(x_BSD)))
+        if self.frozen_size:
+            y_BSD = y_BSD + F.linear(self.act(F.linear(x_BSD, self.frozen_up)), self.frozen_down)
+        return y_BSD, None
 
 
 class HashMoESparseMLP(nn.Module):
@@ -119,7 +140,7 @@ class HashMoEBlock(nn.Module):
         self.self_attn = HashMoEAttention(config)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         is_moe = layer_idx in config.moe_layers
-        self.mlp = HashMoESparseMLP(config, layer_idx) if is_moe else HashMoEMLP(config)
+        self.mlp = HashMoESparseMLP(config, layer_idx) if is_moe else HashMoEMLP(config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x_BSD, allowed_B1SP, cache, cache_index, routing):
@@ -148,11 +169,16 @@ class HashMoEPreTrainedModel(PreTrainedModel):
             module.reset_parameters(std, out_std)
         elif isinstance(module, (SoftmaxRouter, BaseRouter)):
             module.reset_parameters()
+        elif isinstance(module, MonarchLinear):
+            module.reset_parameters(std)
         # Projections into the residual stream: GPT-2's 1/sqrt(2L) scaling.
         if isinstance(module, HashMoEAttention):
             nn.init.normal_(module.o_proj.weight, std=out_std)
         elif isinstance(module, HashMoEMLP):
-            nn.init.normal_(module.down_proj.weight, std=out_std)
+            if isinstance(module.down_proj, MonarchLinear):
+                module.down_proj.reset_parameters(out_std)
+            else:
+                nn.init.normal_(module.down_proj.weight, std=out_std)
 
 
 class HashMoEModel(HashMoEPreTrainedModel):
@@ -317,12 +343,15 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
             router.fit(token_counts=token_counts, embeddings=embeddings)
 
     def parameter_counts(self) -> dict[str, int]:
-        """total / trainable / frozen parameters, and `active`: every parameter but the experts one token
-        does not use (k experts' worth per MoE layer; embeddings counted whole, as model cards do).
-        `active_non_embedding` leaves the embeddings out: the N of Kaplan et al.'s FLOPs ~ 6N per token."""
+        """total / trainable / frozen parameters (frozen = doping buffers and any parameter with
+        requires_grad=False), and `active`: every parameter but the experts one token does not use (k experts'
+        worth per MoE layer; embeddings counted whole, as model cards do; frozen units included, since every
+        token computes through them). `active_non_embedding` leaves the embeddings out: the N of
+        Kaplan et al.'s FLOPs ~ 6N per token."""
         params = {id(p): p for p in self.parameters()}.values()  # tied weights once
-        total = sum(p.numel() for p in params)
+        frozen_units = sum(b.numel() for name, b in self.named_buffers() if name.split(".")[-1].startswith("frozen_"))
         trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params) + frozen_units
         inactive = 0
         for module in self.modules():
             if isinstance(module, HashMoESparseMLP):

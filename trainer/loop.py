@@ -80,7 +80,9 @@ def lr_factor(config: RunConfig, step: int) -> float:
 def flops_per_token(model_config, counts: dict, seq_len: int) -> float:
     """Training FLOPs per token on *active* parameters: 6N plus attention's 12 * L * d * seq (nanoGPT's
     estimate_mfu, Kaplan et al. 2020 appendix)."""
-    per_pass = 6 * counts["active_non_embedding"] + 12 * model_config.num_hidden_layers * model_config.hidden_size * seq_len
+    # frozen units cost forward and input-gradient matmuls (4 FLOPs per weight) but no weight gradient
+    trained = counts["active_non_embedding"] - counts["frozen"]
+    per_pass = 6 * trained + 4 * counts["frozen"] + 12 * model_config.num_hidden_layers * model_config.hidden_size * seq_len
     return per_pass * model_config.ladder_steps  # a ladder runs the stack K times, embeddings aside
 
 

@@ -37,7 +37,7 @@ def test_trust_remote_code_load_in_clean_process(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hashmoe.HashMoEForCausalLM"
     for name in ("modeling_hashmoe.py", "configuration_hashmoe.py", "routing.py", "experts.py", "hashing.py",
-                 "assignment.py"):
+                 "assignment.py", "structured.py"):
         assert (folder / name).exists(), name
 
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
