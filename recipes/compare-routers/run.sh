@@ -8,7 +8,8 @@ cd "$(dirname "$0")/../.."
 HASHMOE=${HASHMOE:-.venv/bin/hashmoe}
 OUT=${1:-docs/results/compare-routers}
 runs=()
-for config in recipes/compare-routers/*.yaml; do
+# dense and the 16-expert set first, then the 4-expert set
+for config in recipes/compare-routers/dense.yaml recipes/compare-routers/*-e16.yaml recipes/compare-routers/*-e4.yaml; do
     name=$(basename "$config" .yaml)
     run_dir=runs/compare-routers/$name
     runs+=("$run_dir")

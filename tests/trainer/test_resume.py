@@ -46,30 +46,30 @@ def test_preempted_and_resumed_run_matches_uninterrupted_run_bitwise(corpus, tmp
     """Switch routing (jitter draws random numbers, capacity drops tokens): data order, optimizer, schedule
     and RNG must all be restored for the losses to match exactly."""
     corpus_file, cache = corpus
-    overrides = dict(model__router="switch", optim__max_steps=40, checkpoint__every=1000, logging__eval_every=10)
+    overrides = dict(model__router="switch", optim__max_steps=20, checkpoint__every=1000, logging__eval_every=10)
     ref = write_config(tmp_path / "ref.yaml", base_config(tmp_path / "ref", corpus_file, cache, **overrides))
     check(run(train_command(ref, 1)))
 
     cut = write_config(tmp_path / "cut.yaml", base_config(tmp_path / "cut", corpus_file, cache, **overrides))
     process = subprocess.Popen(train_command(cut, 1), cwd=ROOT, env=env_for_run(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path / "cut", 6, process)
+    wait_for_step(tmp_path / "cut", 5, process)
     process.send_signal(signal.SIGUSR1)  # what Slurm sends before preemption
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]
     stopped_at = int(latest_checkpoint(tmp_path / "cut").name.split("_")[1])
-    assert 6 <= stopped_at < 40, stopped_at
+    assert 5 <= stopped_at < 20, stopped_at
 
     resumed = check(run(train_command(cut, 1)))
     assert f"resuming from {tmp_path / 'cut' / 'checkpoints' / f'step_{stopped_at}'}" in resumed.stdout
     ref_rows, cut_rows = train_rows(tmp_path / "ref"), train_rows(tmp_path / "cut")
-    assert sorted(cut_rows) == sorted(ref_rows) == list(range(1, 41))
+    assert sorted(cut_rows) == sorted(ref_rows) == list(range(1, 21))
     for step in ref_rows:
         for key in COMPARED:
             assert cut_rows[step][key] == ref_rows[step][key], (step, key)
     ref_valid = [r for r in map(json.loads, (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()) if "valid/loss" in r]
     cut_valid = [r for r in map(json.loads, (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) if "valid/loss" in r]
-    assert [r["valid/loss"] for r in cut_valid if r["step"] == 40] == [r["valid/loss"] for r in ref_valid if r["step"] == 40]
+    assert [r["valid/loss"] for r in cut_valid if r["step"] == 20] == [r["valid/loss"] for r in ref_valid if r["step"] == 20]
 
 
 @pytest.mark.parametrize("first,second", [((2, 2), (1, 1)), ((1, 1), (2, 2))])
@@ -158,7 +158,7 @@ def test_kill_at_any_moment_leaves_a_resumable_run(corpus, tmp_path):
     """SIGKILL (no handler runs) at several points while checkpoints are written every step."""
     corpus_file, cache = corpus
     run_dir = tmp_path / "run"
-    config = base_config(run_dir, corpus_file, cache, optim__max_steps=30, checkpoint__every=1, checkpoint__keep=2,
+    config = base_config(run_dir, corpus_file, cache, optim__max_steps=16, checkpoint__every=1, checkpoint__keep=2,
                          logging__eval_every=100)
     path = write_config(tmp_path / "run.yaml", config)
     for delay in (0.0, 0.13, 0.29):
@@ -172,5 +172,5 @@ def test_kill_at_any_moment_leaves_a_resumable_run(corpus, tmp_path):
         latest = latest_checkpoint(run_dir)
         assert latest is not None and (latest / "mp_rank_00_model_states.pt").stat().st_size > 0
     check(run(train_command(path, 1)))
-    assert latest_checkpoint(run_dir).name == "step_30"
-    assert sorted(train_rows(run_dir)) == list(range(1, 31))
+    assert latest_checkpoint(run_dir).name == "step_16"
+    assert sorted(train_rows(run_dir)) == list(range(1, 17))
