@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train every run of this comparison one after another, then compare them.
-#   bash recipes/compare-routers/run.sh [OUT_DIR]        (default: docs/results/compare-routers)
+#   [SETS="e16 e4"] bash recipes/compare-routers/run.sh [OUT_DIR]   (default: docs/results/compare-routers)
 # Runs that already finished (summary.json present) are skipped, so the script can be re-run after an
 # interruption; an unfinished run resumes from its checkpoint.
 set -euo pipefail
@@ -8,8 +8,12 @@ cd "$(dirname "$0")/../.."
 HASHMOE=${HASHMOE:-.venv/bin/hashmoe}
 OUT=${1:-docs/results/compare-routers}
 runs=()
-# dense and the 16-expert set first, then the 4-expert set
-for config in recipes/compare-routers/dense.yaml recipes/compare-routers/*-e16.yaml recipes/compare-routers/*-e4.yaml; do
+# dense and the 16-expert set first, then the 4-expert set; SETS="e16" runs only the first part
+configs=(recipes/compare-routers/dense.yaml)
+for set in ${SETS:-e16 e4}; do
+    configs+=(recipes/compare-routers/*-"$set".yaml)
+done
+for config in "${configs[@]}"; do
     name=$(basename "$config" .yaml)
     run_dir=runs/compare-routers/$name
     runs+=("$run_dir")
