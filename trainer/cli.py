@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `hashmoe train`")
     compare.add_argument("--out", default="compare-report", help="folder for report.md and the plots "
                          "(default: ./compare-report)")
+
+    bench = commands.add_parser("bench", help="run a benchmark suite (benchmarks/), append it to BENCHMARKS.md",
+                                description="Run one benchmark suite of the repository checkout's benchmarks/ "
+                                "(layer: one FFN sublayer, dense vs MoE vs DeepSpeed's MoE; assign: the BASE "
+                                "solver; train: 2-rank training throughput per router), print its markdown "
+                                "table and append a section to BENCHMARKS.md. See benchmarks/README.md.")
+    bench.add_argument("--suite", default="layer", help="layer (default), assign or train")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run; implies --no-write")
+    bench.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     return parser
 
 
@@ -124,13 +133,32 @@ def run_compare(args) -> int:
     return 0
 
 
+def run_bench(args) -> int:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent  # benchmarks/ sits next to trainer/ in a checkout
+    suites = sorted(p.stem for p in (root / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common"))
+    if not suites:
+        raise UserError("--suite", f"no benchmarks/ folder next to the trainer package (looked in {root})",
+                        "The benchmarks ship with the repository, not the wheel: run `hashmoe bench` from a "
+                        "git checkout or an editable install (pip install -e .)")
+    if args.suite not in suites:
+        raise UserError("--suite", f"unknown suite {args.suite!r}", f"Use one of: {', '.join(suites)}")
+    flags = ["--quick"] * args.quick + ["--no-write"] * args.no_write
+    recorded = " ".join(["hashmoe", "bench", "--suite", args.suite, *flags])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    return subprocess.call([sys.executable, "-m", f"benchmarks.{args.suite}", *flags, "--command", recorded],
+                           cwd=root, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": run_train, "launch": run_launch, "export": run_export, "compare": run_compare}
+    handlers = {"train": run_train, "launch": run_launch, "export": run_export, "compare": run_compare,
+                "bench": run_bench}
     try:
         return handlers[args.command](args)
     except UserError as err:
