@@ -115,11 +115,11 @@ class ExpertParallelMoE(MoE):
         # Experts are deep copies of one template: copy each slot's weights from the model's full bank, so
         # every ep_size starts from the same model.
         local = bank.num_slots // ep_size
+        w1_G, w2_G = bank.slot_weights()
         with torch.no_grad():
             for i, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
-                w1, w2 = slot_weights(bank.w1, bank.w2, ep_rank * local + i, bank.num_segments)
-                expert.w1.copy_(w1)
-                expert.w2.copy_(w2)
+                expert.w1.copy_(w1_G[ep_rank * local + i])
+                expert.w2.copy_(w2_G[ep_rank * local + i])
 
     def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs):
         gate = self.deepspeed_moe.gate
@@ -143,13 +143,6 @@ class ExpertParallelMoE(MoE):
         if shuffle:
             y_TD = torch.empty_like(y_TD).index_copy_(0, perm_T, _AllToAll.apply(group, y_TD.contiguous()))
         return y_TD.view_as(x_BSD), moe_layer_stats(gate.last_routed, self.num_model_experts)
-
-
-def slot_weights(w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, slot: int, num_segments: int):
-    expert, segment = divmod(slot, num_segments)
-    width = w1_EFD.shape[1] // num_segments
-    hidden = slice(segment * width, (segment + 1) * width)
-    return w1_EFD[expert, hidden], w2_EDF[expert, :, hidden]
 
 
 def parallelize(model: HashMoEForCausalLM, ep_size: int, rank: int, dispatch: str = "stock") -> HashMoEForCausalLM:
