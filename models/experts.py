@@ -53,13 +53,7 @@ class ExpertBank(nn.Module):
         return h_NF @ self.w2[expert, :, hidden].t()
 
     def slot_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Views of every slot's weights, in slot order: w1 [F/segments, D] and w2 [D, F/segments].
-
-        One `unbind` per matrix instead of indexing the parameter once per slot (as `forward_slot` does): the
-        backward of `w1[e]` builds a zero gradient the size of the whole bank and adds it up, E times a step
-        (O(E^2 F D) memory traffic), while unbind's backward stacks the E expert gradients once. Same values,
-        bit for bit; 1.5x faster fwd+bwd at E=16, d 512/2048, 2048 tokens (BENCHMARKS.md, 2026-11-23).
-        """
+        """Views of every slot's weights, in slot order: w1 [F/segments, D] and w2 [D, F/segments]."""
         w1_E, w2_E = self.w1.unbind(0), self.w2.unbind(0)
         if self.num_segments == 1:
             return list(w1_E), list(w2_E)
@@ -69,12 +63,85 @@ class ExpertBank(nn.Module):
 
     def forward_sorted(self, x_AD: torch.Tensor, tokens_per_slot: list[int]) -> torch.Tensor:
         """Rows of `x_AD` are grouped by slot, `tokens_per_slot[g]` rows for slot g, in slot order."""
-        w1_G, w2_G = self.slot_weights()
-        outputs = [self.act(x_ND @ w1_G[slot].t()) @ w2_G[slot].t()
-                   for slot, x_ND in enumerate(torch.split(x_AD, tokens_per_slot)) if x_ND.shape[0]]
-        if not outputs:  # every token dropped: keep the graph connected to the weights
-            return x_AD.new_zeros(x_AD.shape) + 0.0 * (self.w1.sum() + self.w2.sum())
-        return torch.cat(outputs)
+        return GroupedExpertFFN.apply(x_AD, self.w1, self.w2, tokens_per_slot, self.num_segments, self.act)
+
+
+ACTIVATION_GRADS = {
+    F.gelu: lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre),
+    F.relu: lambda grad, pre: grad * (pre > 0),
+    F.silu: lambda grad, pre: torch.ops.aten.silu_backward(grad, pre),
+}
+
+
+class GroupedExpertFFN(torch.autograd.Function):
+    """act(x @ w1_g.T) @ w2_g.T for each slot's contiguous slice of rows, with hand-written backward.
+
+    Why not plain autograd over per-slot views of the bank: the views' backward (unbind or index) builds
+    the [E, out, in] weight gradient by stacking E separate gradients (or adding E bank-sized zero tensors),
+    a full extra pass over the bank's memory each step: 29% of the fwd+bwd time at E=64, d 512/2048, 2048
+    tokens (BENCHMARKS.md, 2026-11-23). Here each matmul writes straight into its slice of one preallocated
+    output, pre-activation, input-gradient and weight-gradient buffer, so nothing is concatenated or
+    stacked, and the activation runs once over all rows instead of once per slot.
+    """
+
+    @staticmethod
+    def forward(ctx, x_AD, w1, w2, tokens_per_slot, num_segments, act):
+        rows_G = _slot_rows(tokens_per_slot)
+        size = w1.shape[1] // num_segments
+        pre_AS = x_AD.new_empty(x_AD.shape[0], size)  # S = hidden width of one slot
+        for slot, rows in rows_G:
+            expert, segment = divmod(slot, num_segments)
+            torch.mm(x_AD[rows], w1[expert, segment * size:(segment + 1) * size].t(), out=pre_AS[rows])
+        h_AS = act(pre_AS)
+        y_AD = torch.empty_like(x_AD)  # the slots' rows cover all A rows
+        for slot, rows in rows_G:
+            expert, segment = divmod(slot, num_segments)
+            torch.mm(h_AS[rows], w2[expert, :, segment * size:(segment + 1) * size].t(), out=y_AD[rows])
+        ctx.save_for_backward(x_AD, w1, w2, pre_AS, h_AS)
+        ctx.rows_G, ctx.num_segments, ctx.act = rows_G, num_segments, act
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, grad_y_AD):
+        x_AD, w1, w2, pre_AS, h_AS = ctx.saved_tensors
+        rows_G, num_segments = ctx.rows_G, ctx.num_segments
+        size = pre_AS.shape[1]
+        grad_y_AD = grad_y_AD.contiguous()
+        # Slots that got no rows have zero weight gradient; fill only when some slot is empty.
+        every_slot_used = len(rows_G) == w1.shape[0] * num_segments
+        new_grad = torch.empty_like if every_slot_used else torch.zeros_like
+        grad_w1, grad_w2 = new_grad(w1), new_grad(w2)
+        grad_h_AS = torch.empty_like(h_AS)
+        for slot, rows in rows_G:
+            expert, segment = divmod(slot, num_segments)
+            hidden = slice(segment * size, (segment + 1) * size)
+            torch.mm(grad_y_AD[rows], w2[expert, :, hidden], out=grad_h_AS[rows])
+            _mm_into(grad_w2[expert, :, hidden], grad_y_AD[rows].t(), h_AS[rows])
+        grad_pre_AS = ACTIVATION_GRADS[ctx.act](grad_h_AS, pre_AS)
+        grad_x_AD = torch.empty_like(x_AD)
+        for slot, rows in rows_G:
+            expert, segment = divmod(slot, num_segments)
+            hidden = slice(segment * size, (segment + 1) * size)
+            torch.mm(grad_pre_AS[rows], w1[expert, hidden], out=grad_x_AD[rows])
+            _mm_into(grad_w1[expert, hidden], grad_pre_AS[rows].t(), x_AD[rows])
+        return grad_x_AD, grad_w1, grad_w2, None, None, None
+
+
+def _slot_rows(tokens_per_slot: list[int]) -> list[tuple[int, slice]]:
+    """(slot, row slice) of every slot that has rows."""
+    rows, start = [], 0
+    for slot, count in enumerate(tokens_per_slot):
+        if count:
+            rows.append((slot, slice(start, start + count)))
+        start += count
+    return rows
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if out.is_contiguous():
+        torch.mm(a, b, out=out)
+    else:  # a segment's columns of w2's gradient
+        out.copy_(a @ b)
 
 
 def assignment_slots(expert_index_TK: torch.Tensor, num_segments: int) -> torch.Tensor:
