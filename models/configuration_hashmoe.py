@@ -23,7 +23,7 @@ HASH_FUNCTIONS = (
 # (several data-fitted tables would all be the same partition, which defeats multi-hash).
 SEEDED_HASH_FUNCTIONS = ("random", "bigram", "prev_token", "position", "oracle_future")
 ACTIVATIONS = ("gelu", "relu", "silu")
-RECURRENCES = ("ladder",)
+RECURRENCES = ("ladder", "staircase")
 FFN_LINEARS = ("dense", "monarch")
 
 
@@ -92,7 +92,11 @@ class HashMoEConfig(PretrainedConfig):
     Computation without parameters (Ju et al. 2021):
         recurrence (`dict`, *optional*): `{"kind": "ladder", "steps": K}` applies the whole layer stack K times
             with shared weights (K x the compute, the same parameters); generation keeps a separate KV cache
-            per ladder step. `None` (default): one pass.
+            per ladder step. `{"kind": "staircase", "chunk": F, "window": W, "memory": M}` reads the sequence
+            in chunks of F tokens; each step runs the stack over the W most recent tokens' current states (the
+            new chunk included), so every chunk is processed W / F times and its output is taken when it leaves
+            the window. `memory` (default 0, a multiple of F) keeps the keys and values of the M tokens that
+            left the window last as extra attention context (the cached Staircase). `None` (default): one pass.
     """
 
     model_type = "hashmoe"
@@ -206,11 +210,27 @@ class HashMoEConfig(PretrainedConfig):
             if not isinstance(self.recurrence, dict) or self.recurrence.get("kind") not in RECURRENCES:
                 fail("recurrence", f"got {self.recurrence!r}",
                      f"Use null, or a mapping with kind one of {RECURRENCES}, e.g. {{kind: ladder, steps: 2}}.")
-            unknown = set(self.recurrence) - {"kind", "steps"}
-            steps = self.recurrence.get("steps")
-            if unknown or not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-                fail("recurrence", f"got {self.recurrence!r}", "A ladder takes one key besides kind: steps, "
-                     "a positive integer (the number of passes through the stack).")
+            if self.recurrence["kind"] == "ladder":
+                self._check_ladder(fail)
+            else:
+                self._check_staircase(fail)
+
+    def _check_ladder(self, fail) -> None:
+        unknown = set(self.recurrence) - {"kind", "steps"}
+        if unknown or not _positive_int(self.recurrence.get("steps")):
+            fail("recurrence", f"got {self.recurrence!r}", "A ladder takes one key besides kind: steps, "
+                 "a positive integer (the number of passes through the stack).")
+
+    def _check_staircase(self, fail) -> None:
+        r = self.recurrence
+        unknown = set(r) - {"kind", "chunk", "window", "memory"}
+        chunk, window, memory = r.get("chunk"), r.get("window"), r.get("memory", 0)
+        usage = ("e.g. {kind: staircase, chunk: 16, window: 64, memory: 0}: chunk and window positive integers, "
+                 "window a multiple of chunk, memory 0 or a multiple of chunk.")
+        if unknown or not _positive_int(chunk) or not _positive_int(window) or not (memory == 0 or _positive_int(memory)):
+            fail("recurrence", f"got {r!r}", f"A staircase takes chunk, window and optionally memory: {usage}")
+        if window % chunk or memory % chunk:
+            fail("recurrence", f"window={window} and memory={memory} must be multiples of chunk={chunk}", usage)
 
     @property
     def is_moe(self) -> bool:
@@ -218,8 +238,19 @@ class HashMoEConfig(PretrainedConfig):
 
     @property
     def ladder_steps(self) -> int:
-        """Passes through the layer stack per forward (1 without recurrence)."""
-        return self.recurrence["steps"] if self.recurrence else 1
+        """Passes through the layer stack per forward for a ladder (1 otherwise)."""
+        return self.recurrence["steps"] if self.recurrence and self.recurrence["kind"] == "ladder" else 1
+
+    @property
+    def passes_per_token(self) -> int:
+        """How many times the layer stack processes each token: ladder steps, or window / chunk of a staircase."""
+        if self.recurrence and self.recurrence["kind"] == "staircase":
+            return self.recurrence["window"] // self.recurrence["chunk"]
+        return self.ladder_steps
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 __all__ = ["HashMoEConfig"]

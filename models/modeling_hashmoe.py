@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 from .configuration_hashmoe import HashMoEConfig
 from .experts import ACTIVATIONS, ExpertBank, dispatch_local, expert_init_std
 from .routing import BaseRouter, HashRouter, RouterOutput, RoutingInputs, SoftmaxRouter, build_router
+from .staircase import Staircase, StaircaseCache
 from .structured import MonarchLinear
 
 
@@ -209,9 +210,13 @@ class HashMoEModel(HashMoEPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
             else:
                 position_ids = torch.arange(past_len, past_len + S, device=input_ids.device).expand(B, S)
+        x_BSD = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
+        recurrence = self.config.recurrence or {}
+        if recurrence.get("kind") == "staircase":
+            return self._staircase(x_BSD, input_ids, position_ids, attention_mask, past_key_values,
+                                   prev_token_ids, next_token_ids)
         routing = routing_inputs(input_ids, position_ids, self.config.vocab_size, prev_token_ids, next_token_ids)
         allowed_B1SP = attention_allowed(attention_mask, B, S, past_len, input_ids.device)
-        x_BSD = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
         num_layers, steps = len(self.layers), self.config.ladder_steps
         reserve_cache_layers(past_key_values, steps * num_layers)
         layer_stats = []
@@ -222,7 +227,31 @@ class HashMoEModel(HashMoEPreTrainedModel):
                 x_BSD, stats = block(x_BSD, allowed_B1SP, past_key_values, step * num_layers + index, routing)
                 if stats is not None:
                     layer_stats.append(stats)
-        return self.norm(x_BSD), layer_stats
+        return self.norm(x_BSD), layer_stats, past_key_values
+
+    def _staircase(self, x_BSD, input_ids, position_ids, attention_mask, past_key_values, prev_token_ids,
+                   next_token_ids):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("a staircase model reads sequences chunk by chunk from their first token and does not "
+                             "take padded batches: pass sequences of equal length (no padding), or one at a time.")
+        vocab, S = self.config.vocab_size, input_ids.shape[1]
+
+        def routing_for(lo, hi):  # hash routers need the ids next to the slice
+            prev = input_ids[:, lo - 1:lo] if lo > 0 else prev_token_ids
+            nxt = input_ids[:, hi:hi + 1] if hi < S else next_token_ids
+            return routing_inputs(input_ids[:, lo:hi], position_ids[:, lo:hi], vocab, prev, nxt)
+
+        staircase = Staircase(self.config.recurrence, self.layers)
+        if past_key_values is None:
+            x_BSD, layer_stats = staircase.forward(x_BSD, routing_for)
+        else:
+            if not isinstance(past_key_values, StaircaseCache):
+                if past_key_values.get_seq_length():
+                    raise ValueError("a staircase model continues only its own StaircaseCache, not a filled "
+                                     f"{type(past_key_values).__name__}")
+                past_key_values = StaircaseCache()
+            x_BSD, layer_stats = staircase.decode(x_BSD, routing_for, past_key_values)
+        return self.norm(x_BSD), layer_stats, past_key_values
 
 
 def reserve_cache_layers(cache, num_layers: int) -> None:
@@ -295,12 +324,14 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        if use_cache and past_key_values is None and not self.training:
+        staircase = (self.config.recurrence or {}).get("kind") == "staircase"
+        # A staircase decodes token by token once it has a cache: scoring without one runs the whole sequence.
+        if use_cache and past_key_values is None and not self.training and not staircase:
             past_key_values = DynamicCache()
         elif not use_cache:
             past_key_values = None
-        hidden_BSD, layer_stats = self.model(input_ids, attention_mask, position_ids, past_key_values,
-                                             prev_token_ids, next_token_ids)
+        hidden_BSD, layer_stats, past_key_values = self.model(input_ids, attention_mask, position_ids,
+                                                              past_key_values, prev_token_ids, next_token_ids)
         logits = self.lm_head(hidden_BSD)
         aux_loss = sum((s.router.aux_loss for s in layer_stats), logits.new_zeros(()))
         lm_loss = loss = None

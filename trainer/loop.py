@@ -83,7 +83,7 @@ def flops_per_token(model_config, counts: dict, seq_len: int) -> float:
     # frozen units cost forward and input-gradient matmuls (4 FLOPs per weight) but no weight gradient
     trained = counts["active_non_embedding"] - counts["frozen"]
     per_pass = 6 * trained + 4 * counts["frozen"] + 12 * model_config.num_hidden_layers * model_config.hidden_size * seq_len
-    return per_pass * model_config.ladder_steps  # a ladder runs the stack K times, embeddings aside
+    return per_pass * model_config.passes_per_token  # a ladder/staircase runs the stack K times per token
 
 
 def prepare_on_rank0(config: RunConfig, env: ProcessEnv) -> PreparedData:

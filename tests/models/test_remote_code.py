@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from models import HashMoEForCausalLM
@@ -24,20 +25,24 @@ LOADER = textwrap.dedent("""
     folder, ids_path, out_path = sys.argv[1:]
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     ids = torch.load(ids_path, weights_only=True)
-    torch.save({"logits": model(ids).logits, "generated": model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0),
+    torch.save({"logits": model(ids).logits, "generated": model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0),
                 "module": type(model).__module__}, out_path)
 """)
 
 
-def test_trust_remote_code_load_in_clean_process(tmp_path):
+@pytest.mark.parametrize("extra", [
+    dict(router="hash", hash_function="bigram", hash_heads=2),
+    dict(router="hash", hash_function="prev_token", recurrence={"kind": "staircase", "chunk": 2, "window": 4, "memory": 2}),
+])
+def test_trust_remote_code_load_in_clean_process(tmp_path, extra):
     torch.manual_seed(0)
-    model = HashMoEForCausalLM(tiny_config(router="hash", hash_function="bigram", hash_heads=2)).eval()
+    model = HashMoEForCausalLM(tiny_config(**extra)).eval()
     folder = tmp_path / "export"
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hashmoe.HashMoEForCausalLM"
     for name in ("modeling_hashmoe.py", "configuration_hashmoe.py", "routing.py", "experts.py", "hashing.py",
-                 "assignment.py", "structured.py"):
+                 "assignment.py", "structured.py", "staircase.py"):
         assert (folder / name).exists(), name
 
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -52,5 +57,5 @@ def test_trust_remote_code_load_in_clean_process(tmp_path):
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out["module"].startswith("transformers_modules.")
     torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=0)
-    expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(out["generated"], expected)

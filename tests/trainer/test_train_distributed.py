@@ -24,6 +24,8 @@ ROUTERS = {
     "base": {"model__router": "base"},
     "topk": {"model__router": "topk"},
     "hash-ladder": {"model__recurrence": {"kind": "ladder", "steps": 2}},
+    "base-staircase": {"model__router": "base",
+                       "model__recurrence": {"kind": "staircase", "chunk": 8, "window": 16, "memory": 8}},
 }
 
 
