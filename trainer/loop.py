@@ -16,6 +16,7 @@ from trainer.data import BatchSchedule, PreparedData, prepare_data, valid_shard
 from trainer.distributed import ProcessEnv, init_distributed, resolve_env
 from trainer.errors import UserError
 from trainer.metrics import MetricsWriter, StepTimer, load_cv, truncate_metrics
+from trainer.tasks import answer_errors
 
 NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
 
@@ -262,9 +263,13 @@ class TrainLoop:
 
     def train_step(self, step: int) -> None:
         engine = self.engine
-        blocks = self.schedule.batch(self.data.train_blocks, step)
-        for micro in blocks.chunk(self.config.optim.grad_accum):
-            out = engine(micro, labels=micro, use_cache=False)
+        indices = self.schedule.indices(step)
+        blocks = self.data.train_blocks[indices]
+        # Tasks score only their answer tokens; text scores every next token.
+        labels = blocks if self.data.train_labels is None else self.data.train_labels[indices]
+        for micro, micro_labels in zip(blocks.chunk(self.config.optim.grad_accum),
+                                       labels.chunk(self.config.optim.grad_accum)):
+            out = engine(micro, labels=micro_labels, use_cache=False)
             engine.backward(out.loss)
             engine.step()
             routes = sum(load.sum() for load in out.expert_load) + out.dropped_tokens
@@ -315,21 +320,36 @@ class TrainLoop:
         shard = shard[:longest]
         real = torch.zeros(longest, dtype=torch.bool)
         real[: len(shard)] = True
+        task = self.data.valid_labels is not None
+        if task:
+            labels = valid_shard(self.data.valid_labels, self.env.rank, self.env.world_size)[:longest]
+            units = valid_shard(self.data.valid_units, self.env.rank, self.env.world_size)[:longest]
         if len(shard) < longest:
-            filler = self.data.valid_blocks[:1].expand(longest - len(shard), -1)
-            shard = torch.cat([shard, filler])
-        totals = torch.zeros(2, dtype=torch.float64)
+            pad = longest - len(shard)
+            shard = torch.cat([shard, self.data.valid_blocks[:1].expand(pad, -1)])
+            if task:
+                labels = torch.cat([labels, labels.new_full((pad, labels.shape[1]), -100)])
+                units = torch.cat([units, units.new_full((pad, units.shape[1]), -1)])
+        if not task:
+            labels = units = shard
+        totals = torch.zeros(6, dtype=torch.float64)  # loss sum, scored tokens, then task answer counts
         for start in range(0, longest, optim.micro_batch_size):
-            ids = shard[start:start + optim.micro_batch_size]
-            mask = real[start:start + optim.micro_batch_size]
+            part = slice(start, start + optim.micro_batch_size)
+            ids, mask, target = shard[part], real[part], labels[part]
             logits = engine(ids, use_cache=False).logits
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                                       reduction="none").view(len(ids), -1)
-            totals += torch.tensor([losses[mask].sum().item(), float(mask.sum()) * losses.shape[1]],
-                                   dtype=torch.float64)
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(),
+                                                       reduction="none", ignore_index=-100).view(len(ids), -1)
+            scored = (target[:, 1:] != -100) & mask[:, None]
+            totals[:2] += torch.tensor([losses[scored].sum().item(), float(scored.sum())], dtype=torch.float64)
+            if task:
+                totals[2:] += answer_errors(logits[mask], target[mask], units[part][mask])
         dist.all_reduce(totals)
         engine.train()
         valid_loss = (totals[0] / totals[1]).item()
-        self.metrics.log(step, {"valid/loss": valid_loss, "valid/ppl": math.exp(min(valid_loss, 50.0))})
+        row = {"valid/loss": valid_loss, "valid/ppl": math.exp(min(valid_loss, 50.0))}
+        if task:  # share of answer tokens / whole answers predicted wrong (greedy)
+            row.update({"valid/token_error": (totals[2] / totals[3]).item(),
+                        "valid/exact_match_error": (totals[4] / totals[5]).item()})
+        self.metrics.log(step, row)
         self.metrics.flush()
         return valid_loss
