@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `hashmoe train`")
     compare.add_argument("--out", default="compare-report", help="folder for report.md and the plots "
                          "(default: ./compare-report)")
+    compare.add_argument("--labels", choices=("config", "name"), default="config",
+                         help="label runs by the config keys that differ between them (default) or by run.name")
 
     bench = commands.add_parser("bench", help="run a benchmark suite (benchmarks/), append it to BENCHMARKS.md",
                                 description="Run one benchmark suite of the repository checkout's benchmarks/ "
@@ -127,7 +129,7 @@ def run_export(args) -> int:
 def run_compare(args) -> int:
     from trainer.compare import compare_runs
 
-    report = compare_runs(args.run_dirs, args.out)
+    report = compare_runs(args.run_dirs, args.out, label_by=args.labels)
     print(report.read_text(), end="")
     print(f"hashmoe: report and plots in {report.parent}", flush=True)
     return 0

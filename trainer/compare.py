@@ -19,7 +19,8 @@ from trainer.metrics import read_metrics
 
 PLOTS = {"valid_ppl_vs_step.png": "valid ppl vs step", "valid_ppl_vs_time.png": "valid ppl vs training time",
          "valid_ppl_vs_flops.png": "valid ppl vs training FLOPs", "updates_per_sec.png": "updates per second",
-         "expert_load.png": "final expert load per MoE layer"}
+         "expert_load.png": "final expert load per MoE layer",
+         "final_vs_params.png": "final validation result vs trainable params, total params and compute"}
 IGNORED_KEYS = {"run.name", "run.output_dir"}  # always differ between runs, say nothing about them
 # Model keys that mean nothing for a dense model: pruned so a dense baseline is labelled by moe_layers alone.
 MOE_ONLY_KEYS = {"num_experts", "expert_intermediate_size", "router", "num_experts_per_tok", "capacity_factor",
@@ -46,6 +47,7 @@ class RunSummary:
     steps: int = 0  # last trained step
     train_time: list = field(default_factory=list)  # (step, cumulative optimizer seconds) per training row
     valid: list = field(default_factory=list)  # (step, valid ppl) per eval row
+    exact_match: list = field(default_factory=list)  # (step, valid exact-match error) per eval row (tasks)
     expert_load: list = field(default_factory=list)  # final token count per expert, one list per MoE layer
     notes: list = field(default_factory=list)
     label: str = ""
@@ -149,6 +151,7 @@ def collect_run(path, defaults: dict | None = None) -> RunSummary:
         previous = r["step"]
         run.train_time.append((r["step"], seconds))
     run.valid = [(r["step"], r["valid/ppl"]) for r in rows if "valid/ppl" in r]
+    run.exact_match = [(r["step"], r["valid/exact_match_error"]) for r in rows if "valid/exact_match_error" in r]
     if not run.valid:
         run.notes.append("no evaluation rows: valid ppl unknown")
     if run.is_moe:
@@ -235,12 +238,42 @@ def table_row(run: RunSummary) -> list[str]:
             fmt_seconds(run.wall_seconds), run.status]
 
 
+def extra_columns(runs: list[RunSummary]) -> list[tuple[str, object]]:
+    """Columns shown only when some run has them: frozen params (doping), passes through the stack
+    (ladder / staircase), exact-match error (synthetic tasks)."""
+    columns = []
+    if any(r.params.get("frozen") for r in runs):
+        columns.append(("params frozen", lambda r: human(r.params.get("frozen"))))
+    if any(passes_per_token(r) > 1 for r in runs if r.config):
+        columns.append(("passes per token", lambda r: str(passes_per_token(r)) if r.config else "-"))
+    if any(r.exact_match for r in runs):
+        columns.append(("final exact-match error", lambda r: fmt(r.exact_match[-1][1] if r.exact_match else None,
+                                                                 ".3f")))
+        columns.append(("best exact-match error", lambda r: fmt(min((e for _, e in r.exact_match), default=None),
+                                                                ".3f")))
+    return columns
+
+
+def passes_per_token(run: RunSummary) -> int:
+    kind = run.model("recurrence.kind")  # the config is flattened: recurrence.kind, recurrence.steps, ...
+    if kind == "ladder":
+        return run.model("recurrence.steps")
+    if kind == "staircase":
+        return run.model("recurrence.window") // run.model("recurrence.chunk")
+    return 1
+
+
 def render_report(runs: list[RunSummary], keys: list[str]) -> str:
+    extra = extra_columns(runs)
+    columns = COLUMNS[:-1] + [name for name, _ in extra] + COLUMNS[-1:]
     lines = ["# hashmoe compare", "",
              "Differing config keys: " + (", ".join(f"`{k}`" for k in keys) if keys
                                           else "none (runs labelled by folder name)"), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in table_row(r)) + " |" for r in runs]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in runs:
+        cells = table_row(r)
+        cells = cells[:-1] + [cell(r) if r.ok else "-" for _, cell in extra] + cells[-1:]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", "Run folders:"] + [f"- {r.label}: `{r.path}`" for r in runs]
     notes = [f"- {r.label}: {n}" for r in runs for n in r.notes]
     lines += ["", "## Notes"] + (notes or ["- none"])
@@ -308,6 +341,8 @@ def write_plots(runs: list[RunSummary], out_dir: Path) -> None:
     ax.set(ylabel="updates/s (mean, warm-up excluded)", title=PLOTS["updates_per_sec.png"])
     save(fig, "updates_per_sec.png")
 
+    final_vs_params(evaluated, out_dir, plt, save)
+
     loaded = [r for r in runs if r.expert_load]
     cols = max((len(r.expert_load) for r in loaded), default=1)
     fig, axes = plt.subplots(max(1, len(loaded)), cols, figsize=(3.6 * cols + 1, 2.8 * max(1, len(loaded))),
@@ -329,7 +364,36 @@ def write_plots(runs: list[RunSummary], out_dir: Path) -> None:
     save(fig, "expert_load.png")
 
 
-def compare_runs(paths, out_dir) -> Path:
+def final_vs_params(runs: list[RunSummary], out_dir: Path, plt, save) -> None:
+    """Final validation result (exact-match error for tasks, else ppl) against trainable params, total params
+    and training FLOPs per token: frozen ("doping") and structured runs separate the first two, ladder and
+    staircase runs the last (Chatelain et al. 2021 plot loss against each in turn)."""
+    task = any(r.exact_match for r in runs)
+    axes_of = [("trainable parameters", lambda r: r.params.get("trainable")),
+               ("total parameters (trainable + frozen)", lambda r: r.params.get("total")),
+               ("training FLOPs per token (active)", lambda r: r.flops_per_token)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for ax, (xlabel, x_of) in zip(axes, axes_of):
+        for run in runs:
+            y = (run.exact_match[-1][1] if run.exact_match else None) if task else run.valid[-1][1]
+            if x_of(run) and y is not None:
+                ax.scatter([x_of(run)], [y], s=40)
+                ax.annotate(run.label, (x_of(run), y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set(xlabel=xlabel, xscale="log")
+    axes[0].set(ylabel="final valid exact-match error" if task else "final valid ppl")
+    fig.suptitle(PLOTS["final_vs_params.png"], fontsize=10)
+    save(fig, "final_vs_params.png")
+
+
+def run_name(path: Path) -> str:
+    """run.name from the run's config.yaml, else the folder name."""
+    try:
+        return str(yaml.safe_load((path / "config.yaml").read_text())["run"]["name"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return path.name
+
+
+def compare_runs(paths, out_dir, label_by: str = "config") -> Path:
     """Collect every run, write report.md and the PNGs into out_dir; returns the report's path."""
     defaults = model_defaults()
     runs = [collect_run(p, defaults) for p in paths]
@@ -339,6 +403,9 @@ def compare_runs(paths, out_dir) -> Path:
                         "Pass run folders written by `hashmoe train` (each holds metrics.jsonl).")
     keys = differing_keys(runs)
     assign_labels(runs, keys)
+    if label_by == "name":
+        for run in runs:
+            run.label = run_name(run.path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_plots(runs, out_dir)

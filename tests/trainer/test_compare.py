@@ -180,3 +180,22 @@ def test_cli_compare_only_missing_runs(tmp_path):
     assert "hashmoe: error: RUN_DIR:" in result.stderr and "nope1" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_task_runs_show_exact_match_and_passes_and_can_be_labelled_by_name(tmp_path):
+    plain = make_run(tmp_path, "walk-plain", {"moe_layers": []}, [2.0, 2.0, 2.0], {30: 1.5},
+                     summary={"step": 30, "stopped_early": False})
+    stair = make_run(tmp_path, "walk-staircase", {"moe_layers": [], "recurrence": {"kind": "staircase", "chunk": 8,
+                                                                                  "window": 32}},
+                     [1.0, 1.0, 1.0], {30: 1.1}, summary={"step": 30, "stopped_early": False})
+    for run_dir, errors in ((plain, [0.6, 0.5]), (stair, [0.3, 0.05])):
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            for step, error in zip((20, 30), errors):
+                f.write(json.dumps({"step": step, "valid/exact_match_error": error, "valid/token_error": error}) + "\n")
+    text = compare_runs([plain, stair], tmp_path / "out", label_by="name").read_text()
+    rows = table(text)
+    assert set(rows) == {"walk-plain", "walk-staircase"}
+    assert rows["walk-staircase"]["passes per token"] == "4" and rows["walk-plain"]["passes per token"] == "1"
+    assert rows["walk-staircase"]["final exact-match error"] == "0.050"
+    assert rows["walk-plain"]["best exact-match error"] == "0.500"
+    assert (tmp_path / "out" / "final_vs_params.png").read_bytes().startswith(PNG_MAGIC)
