@@ -171,9 +171,39 @@ def dispatch_local(x_TD: torch.Tensor, expert_index_TK: torch.Tensor, expert_wei
     """y_t = sum_k weight[t, k] * expert_{index[t, k]}(x_t), all experts local; dropped tokens give 0."""
     slot_TK = assignment_slots(expert_index_TK, bank.num_segments)
     token_A, order_A, tokens_per_slot_G = sort_by_slot(slot_TK, bank.num_slots)
-    y_AD = bank.forward_sorted(x_TD[token_A], tokens_per_slot_G.tolist())
+    y_AD = bank.forward_sorted(gather_routes(x_TD, order_A, slot_TK.shape[1]), tokens_per_slot_G.tolist())
     y_AD = y_AD * expert_weight_TK.reshape(-1)[order_A].unsqueeze(1).to(y_AD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+    return combine_routes(y_AD, order_A, *slot_TK.shape)
+
+
+class _TakeRows(torch.autograd.Function):
+    """rows_AD = x_ND[index_A] for *distinct* indices. Autograd's own backward for indexing must assume repeats
+    and scatter-adds (serial on CPU); with distinct indices the backward is a plain copy into place."""
+
+    @staticmethod
+    def forward(ctx, x_ND, index_A):
+        ctx.save_for_backward(index_A)
+        ctx.num_rows = x_ND.shape[0]
+        return x_ND.index_select(0, index_A)
+
+    @staticmethod
+    def backward(ctx, grad_AD):
+        (index_A,) = ctx.saved_tensors
+        grad_ND = grad_AD.new_zeros((ctx.num_rows, grad_AD.shape[1]))
+        return grad_ND.index_copy_(0, index_A, grad_AD), None
+
+
+def gather_routes(x_TD: torch.Tensor, order_A: torch.Tensor, K: int) -> torch.Tensor:
+    """Rows for the sorted routes: route i is (token order_A[i] // K, choice order_A[i] % K)."""
+    x_ND = x_TD if K == 1 else x_TD.repeat_interleave(K, dim=0)  # row t*K + k = token t, distinct per route
+    return _TakeRows.apply(x_ND, order_A)
+
+
+def combine_routes(y_AD: torch.Tensor, order_A: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """y_TD[t] = sum_k y of route (t, k); dropped routes give 0. index_copy into the [T*K] route layout (each
+    route once: no scatter-add), then a sum over k."""
+    y_ND = y_AD.new_zeros((T * K, y_AD.shape[1])).index_copy(0, order_A, y_AD)
+    return y_ND if K == 1 else y_ND.view(T, K, -1).sum(1)
 
 
 def expert_init_std(initializer_range: float, num_hidden_layers: int) -> tuple[float, float]:

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from models.experts import sort_by_slot
+from models.experts import combine_routes, gather_routes, sort_by_slot
 
 
 class UnevenAllToAll(torch.autograd.Function):
@@ -59,8 +59,8 @@ def dropless_moe(x_TD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torch.Ten
                  num_slots: int, ep_size: int, group, timer: CommTimer | None = None) -> torch.Tensor:
     timer = timer or CommTimer()
     local_slots = num_slots // ep_size
-    token_A, order_A, tokens_per_slot_G = sort_by_slot(slot_TK, num_slots)  # step 1
-    x_AD = x_TD[token_A]
+    _, order_A, tokens_per_slot_G = sort_by_slot(slot_TK, num_slots)  # step 1
+    x_AD = gather_routes(x_TD, order_A, slot_TK.shape[1])
     if ep_size == 1:  # every expert is here: no collective at all
         counts_L = tokens_per_slot_G.tolist()
         y_AD = run_local_experts(x_AD, counts_L, local_experts)
@@ -76,7 +76,7 @@ def dropless_moe(x_TD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torch.Ten
         y_RD[by_slot_R] = run_local_experts(x_RD[by_slot_R], counts_from_PL.sum(0).tolist(), local_experts)
         y_AD = timer.call(UnevenAllToAll.apply, y_RD, recv_splits, send_splits, group)  # step 5
     y_AD = y_AD * weight_TK.reshape(-1)[order_A].unsqueeze(1).to(y_AD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+    return combine_routes(y_AD, order_A, *slot_TK.shape)
 
 
 def source_to_slot_order(counts_from_PL: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Train the runs of each miniature study one after another, then compare each study's runs.
+#   [STUDIES="ladder hash-ladder staircase doping"] bash recipes/studies/run.sh [OUT_ROOT]
+# OUT_ROOT defaults to docs/results/studies; each study writes OUT_ROOT/<study>/report.md and its plots.
+# Runs that already finished (summary.json present) are skipped, and runs shared by two studies are trained
+# once, so the script can be re-run after an interruption.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+HASHMOE=${HASHMOE:-.venv/bin/hashmoe}
+OUT_ROOT=${1:-docs/results/studies}
+declare -A STUDY_RUNS=(
+    [ladder]="dense-l2 ladder2-l2 dense-l4"
+    [hash-ladder]="dense-l2 hash-l2 ladder2-l2 hash-ladder2-l2"
+    [staircase]="walk-plain walk-ladder4 walk-staircase walk-staircase-cached"
+    [doping]="ff256 ff256-frozen768 ff1024 ff1024-monarch"
+)
+for study in ${STUDIES:-ladder hash-ladder staircase doping}; do
+    if [ -z "${STUDY_RUNS[$study]:-}" ]; then
+        echo "unknown study '$study'; studies: ${!STUDY_RUNS[*]}" >&2
+        exit 2
+    fi
+    run_dirs=()
+    for name in ${STUDY_RUNS[$study]}; do
+        run_dir=runs/studies/$name
+        run_dirs+=("$run_dir")
+        if [ -f "$run_dir/summary.json" ]; then
+            echo "== $study / $name: done already"
+            continue
+        fi
+        echo "== $study / $name"
+        start=$(date +%s)
+        "$HASHMOE" train "recipes/studies/$name.yaml"
+        echo "== $study / $name: $(( $(date +%s) - start )) s"
+    done
+    "$HASHMOE" compare "${run_dirs[@]}" --labels name --out "$OUT_ROOT/$study"
+done
