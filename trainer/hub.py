@@ -160,7 +160,8 @@ def push(source: str | Path, repo_id: str, *, token: str | None = None, private:
         result.commit = upload(export_dir, repo_id, token, token_source, private, revision, commit_message,
                                endpoint, include_logs)
     except UserError as err:  # scrub the token from any text a server may have echoed back
-        raise UserError(err.key, err.problem.replace(token, "***"), err.fix.replace(token, "***")) from None
+        # (the chain, shown by --debug, keeps the client's own error: its text holds no request headers)
+        raise UserError(err.key, err.problem.replace(token, "***"), err.fix.replace(token, "***")) from err.__cause__
     return result
 
 
@@ -182,7 +183,8 @@ def upload(export_dir: Path, repo_id: str, token: str, token_source: str, privat
                             f"cannot write to the namespace {owner!r}",
                             f"Push to {who.get('name')}/{repo_id.split('/')[1]}, or use a token of {owner!r}.")
         step = f"creating {repo_id}"
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        # private=None, not False: a new repo then gets the namespace's default visibility, as on the website
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if revision and revision != "main":
             step = f"creating the branch {revision!r}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -198,21 +200,23 @@ def upload(export_dir: Path, repo_id: str, token: str, token_source: str, privat
         if status == 401:
             raise UserError(token_source, f"the Hub at {endpoint} rejected the token (401) while {step}",
                             "Create a token with write access at https://huggingface.co/settings/tokens and run "
-                            "`hf auth login`, or export HF_TOKEN.") from None
+                            "`hf auth login`, or export HF_TOKEN.") from err
         if status == 403:
             raise UserError("--repo-id", f"the token from {token_source} may not write to {repo_id} (403) while "
-                            f"{step}", "Use a token with write access to that namespace.") from None
+                            f"{step}", "Use a token with write access to that namespace.") from err
         raise UserError("--repo-id", f"the Hub answered {status} while {step}: {first_line(err)}",
-                        "Check --repo-id and --revision; rerun with --debug for the full error.") from None
+                        "Check --repo-id and --revision; rerun with --debug for the full error.") from err
     except ValueError as err:  # huggingface_hub raises ValueError for card metadata the Hub rejects
+        if "Invalid metadata in README.md" not in str(err):
+            raise
         raise UserError("README.md", f"{first_line(err)} (while {step})", "Fix the model card's YAML "
-                        "front matter, or delete README.md so hashmoe writes its own.") from None
+                        "front matter, or delete README.md so hashmoe writes its own.") from err
     except Exception as err:
         # Connection errors come from the client's HTTP library (httpx2); name the endpoint, not a traceback.
         if type(err).__module__.split(".")[0] not in ("httpx", "httpx2"):
             raise
         raise UserError("--endpoint", f"cannot reach {endpoint} while {step} ({type(err).__name__})",
-                        "Check the network, --endpoint and HF_ENDPOINT.") from None
+                        "Check the network, --endpoint and HF_ENDPOINT.") from err
 
 
 def first_line(err: Exception) -> str:
