@@ -185,6 +185,9 @@ def upload(export_dir: Path, repo_id: str, token: str, token_source: str, privat
         step = f"creating {repo_id}"
         # private=None, not False: a new repo then gets the namespace's default visibility, as on the website
         api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+        if private and not api.repo_info(repo_id).private:  # create_repo leaves an existing repo as it is
+            print(f"hashmoe: warning: {repo_id} already exists and is public; --private does not change that "
+                  "(the repo's settings page does)", flush=True)
         if revision and revision != "main":
             step = f"creating the branch {revision!r}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -214,6 +215,9 @@ def test_repush_updates_in_place_and_keeps_a_users_readme(pushed, in_process, tm
     push = ["push", str(folder), "--repo-id", "alice/re-push", "--endpoint", hub.endpoint, "--private"]
     assert cli.main(push) == 0
     assert "notes.txt" in hub.files("alice/re-push") and hub.repos["alice/re-push"].private
+    public = ["push", str(folder), "--repo-id", "alice/public", "--endpoint", hub.endpoint]
+    assert cli.main(public) == 0 and cli.main(public + ["--private"]) == 0
+    assert not hub.repos["alice/public"].private and "--private does not change that" in capsys.readouterr().out
     card = hub.files("alice/re-push")["README.md"].decode()
     assert "The run folder was not available" in card  # an export outside its run: no metrics to report
     (folder / "notes.txt").unlink()
@@ -278,13 +282,31 @@ def test_errors_exit_2_before_anything_is_uploaded(pushed, in_process, monkeypat
     fill = {"{export}": str(folder), "{tmp}": str(tmp_path)}
     for a, b in fill.items():
         args, key = [x.replace(a, b) for x in args], key.replace(a, b)
-    before = len(hub.requests)
+    before, repos = len(hub.requests), set(hub.repos)
     assert cli.main(["push", *args, "--endpoint", hub.endpoint]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"hashmoe: error: {key}: ") and fragment in err, err
     assert "Traceback" not in err
     assert set(hub.requests[before:]) <= {("GET", "/api/whoami-v2")}  # at most the token check
-    assert set(hub.repos) <= {"alice/tiny-hash", "alice/re-push"}  # nothing created
+    assert set(hub.repos) == repos  # nothing created
+
+
+def test_a_card_the_hub_rejects_and_an_unreachable_endpoint_exit_2(pushed, in_process, tmp_path, capsys):
+    hub = in_process
+    folder = tmp_path / "export"
+    shutil.copytree(pushed[0] / "hf", folder)
+    (folder / "README.md").write_text("---\nlicense: 3\n---\n# mine\n")  # kept as the user's, then refused
+    before = len(hub.requests)
+    assert cli.main(["push", str(folder), "--repo-id", "alice/bad-card", "--endpoint", hub.endpoint]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hashmoe: error: README.md: Invalid metadata in README.md.") and "license" in err, err
+    assert not [r for r in hub.requests[before:] if "preupload" in r[1] or "lfs" in r[1] or "commit" in r[1]]
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    assert cli.main(["push", str(folder), "--repo-id", "alice/x", "--endpoint", closed]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hashmoe: error: --endpoint: cannot reach {closed} while checking the token"), err
 
 
 def test_offline_mode_is_refused(in_process, monkeypatch, capsys, tmp_path):
