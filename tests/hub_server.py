@@ -68,19 +68,21 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 @dataclass(frozen=True)
 class Entry:
-    sha256: str  # content address in the blob store
+    """One file of a commit: where its content sits in the blob store, and how git holds it."""
+
+    sha256: str  # content address in the blob store (and the LFS oid)
     size: int
     lfs: bool
-
-    @property
-    def oid(self) -> str:  # git blob id: of the pointer file for LFS files, as in git
-        return git_oid(self.pointer) if self.lfs else self._content_oid
+    content_oid: str  # git blob id of the content itself
 
     @property
     def pointer(self) -> bytes:
         return lfs_pointer(self.sha256, self.size)
 
-    _content_oid: str = ""
+    @property
+    def oid(self) -> str:
+        """The git blob id the Hub reports: of the pointer file for LFS files, as in git."""
+        return git_oid(self.pointer) if self.lfs else self.content_oid
 
 
 @dataclass
@@ -142,7 +144,7 @@ class HubServer:
         return {path: self.read(e) for path, e in repo.commits[self.resolve_revision(repo, revision)].items()}
 
     def entry_for(self, data: bytes, lfs: bool) -> Entry:
-        return Entry(sha256=self.store(data), size=len(data), lfs=lfs, _content_oid=git_oid(data))
+        return Entry(sha256=self.store(data), size=len(data), lfs=lfs, content_oid=git_oid(data))
 
     def new_commit(self, repo: Repo, branch: str, tree: dict, summary: str) -> str:
         commit = hashlib.sha1(f"{branch}{len(repo.commits)}{secrets.token_hex(8)}".encode()).hexdigest()

@@ -244,7 +244,7 @@ def test_dry_run_contacts_nothing_and_lists_the_files(pushed, in_process, monkey
     shutil.copytree(pushed[0] / "hf", folder, ignore=shutil.ignore_patterns("README.md", "plots"))
     before = len(hub.requests)
     assert cli.main(["push", str(folder), "--run-dir", str(pushed[0]), "--repo-id", "alice/dry", "--endpoint",
-                     hub.endpoint, "--dry-run"]) == 0
+                     hub.endpoint, "--dry-run", "--include-logs"]) == 0
     out = capsys.readouterr().out
     assert len(hub.requests) == before and "alice/dry" not in hub.repos
     assert "dry run, nothing uploaded" in out and f"{hub.endpoint}/alice/dry" in out
@@ -253,6 +253,7 @@ def test_dry_run_contacts_nothing_and_lists_the_files(pushed, in_process, monkey
         assert f"  {name}  (" in out, name
     assert "validation perplexity: final" in (folder / "README.md").read_text()  # written, from --run-dir
     assert "token: none found" in out
+    assert "  runs/metrics.jsonl  (" in out and "  runs/events.out.tfevents." in out  # --include-logs
 
 
 NO_WEIGHTS = "no-weights"
