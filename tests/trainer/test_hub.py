@@ -51,12 +51,14 @@ LOADER = textwrap.dedent("""
     sys.meta_path.insert(0, BlockProject())
     import torch
     from huggingface_hub import snapshot_download
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     repo_id, ids_path, out_path = sys.argv[1:]
     model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True).eval()
+    tokenized = AutoTokenizer.from_pretrained(repo_id)("the king of night").input_ids  # as the card says
     folder = snapshot_download(repo_id)
     ids = torch.load(ids_path, weights_only=True)
-    torch.save({"logits": model(ids).logits, "module": type(model).__module__, "folder": folder}, out_path)
+    torch.save({"logits": model(ids).logits, "module": type(model).__module__, "folder": folder,
+                "tokenized": tokenized}, out_path)
 """)
 
 
@@ -157,6 +159,9 @@ def test_pushed_run_loads_from_the_hub_in_a_process_without_hashmoe(pushed, hub,
     assert out["module"].startswith("transformers_modules.")
     snapshot = Path(out["folder"])
     assert {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()} == set(remote)
+    from transformers import AutoTokenizer
+
+    assert out["tokenized"] == AutoTokenizer.from_pretrained(export_dir)("the king of night").input_ids
     model = HashMoEForCausalLM.from_pretrained(export_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=0)
