@@ -21,6 +21,7 @@ examples:
   hashmoe launch recipes/tiny-ep2.yaml --nproc 2          2 local processes, experts sharded over them
   torchrun --nproc_per_node 2 -m trainer.cli train RUN.yaml   (also: deepspeed, mpirun, srun)
   hashmoe export runs/tiny/checkpoints/step_300 out/tiny  one HF folder with every expert
+  hashmoe push runs/tiny --repo-id alice/hash-moe-tiny    export, model card, upload to the Hub
 """
 
 
@@ -53,6 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
                                  "code and the tokenizer. Loadable with trust_remote_code=True.")
     export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N (or RUN_DIR for the latest)")
     export.add_argument("out_dir", help="folder to write")
+
+    push = commands.add_parser("push", help="publish a run or an exported folder to the Hugging Face Hub",
+                               description="Upload an exported model (OUT_DIR of `hashmoe export`) or a run folder "
+                               "(its latest checkpoint is exported to RUN_DIR/hf first) to a Hub repository in one "
+                               "commit, with a generated model card (README.md: metadata, architecture, training "
+                               "metrics, plots, how to load). Creates the repo if needed; a re-push updates it in "
+                               "place. The token comes from HF_TOKEN or `hf auth login` and is never printed.")
+    push.add_argument("source", metavar="RUN_DIR|EXPORT_DIR", help="run folder, or a folder written by `hashmoe export`")
+    push.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="Hub repository, e.g. alice/hash-moe-tiny")
+    push.add_argument("--private", action="store_true", help="create the repository private (an existing one "
+                      "keeps its visibility)")
+    push.add_argument("--revision", "--branch", dest="revision", metavar="BRANCH",
+                      help="branch to commit to (created from main if missing; default main)")
+    push.add_argument("--commit-message", help="default: 'hashmoe push: FOLDER'")
+    push.add_argument("--run-dir", help="run folder whose metrics fill the model card, when EXPORT_DIR is not RUN_DIR/hf")
+    push.add_argument("--include-logs", action="store_true", help="also upload the TensorBoard logs and "
+                      "metrics.jsonl (under runs/)")
+    push.add_argument("--license", default="apache-2.0", help="license in the card's metadata (default apache-2.0, "
+                      "the license of the model code)")
+    push.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    push.add_argument("--token", help="Hub token; prefer HF_TOKEN or `hf auth login`: a token on the command line "
+                      "is visible to other users in the process list and stays in your shell history")
+    push.add_argument("--dry-run", action="store_true", help="export and write the card, list what would be "
+                      "uploaded, contact nothing")
 
     compare = commands.add_parser("compare", help="compare runs: markdown table and PNG plots",
                                   description="Compare run folders: a markdown table (printed, and written to "
@@ -126,6 +151,28 @@ def run_export(args) -> int:
     return 0
 
 
+def run_push(args) -> int:
+    from trainer.hub import push
+
+    result = push(args.source, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+                  commit_message=args.commit_message, endpoint=args.endpoint, run_dir=args.run_dir,
+                  include_logs=args.include_logs, license=args.license, dry_run=args.dry_run)
+    card = "README.md (yours, kept)" if result.card_kept else "README.md (model card written by hashmoe)"
+    if args.dry_run:
+        total = sum(size for _, size in result.files)
+        print(f"hashmoe: dry run, nothing uploaded. Would push {len(result.files)} files ({total:,} bytes) from "
+              f"{result.export_dir} to {result.url}:")
+        for path, size in result.files:
+            print(f"  {path}  ({size:,} bytes)" + (f"  <- {card}" if path == "README.md" else ""))
+        print(f"  token: found in {result.token_source}" if result.token_source else
+              "  token: none found (a real push would stop here: set HF_TOKEN or run `hf auth login`)")
+        return 0
+    print(f"hashmoe: pushed {len(result.files)} files from {result.export_dir} (commit {result.commit[:12]}); "
+          f"{card}\n  {result.url}\n  load: AutoModelForCausalLM.from_pretrained({result.repo_id!r}, "
+          "trust_remote_code=True)", flush=True)
+    return 0
+
+
 def run_compare(args) -> int:
     from trainer.compare import compare_runs
 
@@ -159,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": run_train, "launch": run_launch, "export": run_export, "compare": run_compare,
-                "bench": run_bench}
+    handlers = {"train": run_train, "launch": run_launch, "export": run_export, "push": run_push,
+                "compare": run_compare, "bench": run_bench}
     try:
         return handlers[args.command](args)
     except UserError as err:

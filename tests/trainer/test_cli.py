@@ -49,7 +49,7 @@ def error_lines(stderr: str) -> list[str]:
 def test_help_lists_the_commands():
     result = hashmoe("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("train", "launch", "export"):
+    for command in ("train", "launch", "export", "push"):
         assert command in result.stdout
     assert "hashmoe train recipes/tiny.yaml" in result.stdout  # the examples
 
