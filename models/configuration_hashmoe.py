@@ -248,6 +248,12 @@ class HashMoEConfig(PretrainedConfig):
             return self.recurrence["window"] // self.recurrence["chunk"]
         return self.ladder_steps
 
+    @property
+    def residual_depth(self) -> int:
+        """Blocks a token's residual stream passes through: layers x passes. A shared stack applied K times adds
+        K times as many branches to the residual, so GPT-2's 1/sqrt(2L) output init must count all of them."""
+        return self.num_hidden_layers * self.passes_per_token
+
 
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -64,6 +64,7 @@ class HashMoEAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj.writes_residual = True
         self.dropout = config.dropout
 
     def forward(self, x_BSD: torch.Tensor, allowed_B1SP: torch.Tensor | None, cache: Cache | None,
@@ -91,10 +92,11 @@ class HashMoEMLP(nn.Module):
         else:
             self.up_proj = nn.Linear(D, F, bias=False)
             self.down_proj = nn.Linear(F, D, bias=False)
+        self.down_proj.writes_residual = True
         self.act = ACTIVATIONS[config.hidden_act]
         self.frozen_size = config.frozen_ffn_size
         if self.frozen_size:
-            std, out_std = expert_init_std(config.initializer_range, config.num_hidden_layers)
+            std, out_std = expert_init_std(config.initializer_range, config.residual_depth)
             # Drawn on CPU from the seed alone (also under from_pretrained's meta device): same on every rank.
             with torch.device("cpu"):
                 generator = torch.Generator().manual_seed(config.frozen_seed + 1000 * layer_idx)
@@ -158,7 +160,12 @@ class HashMoEPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std, out_std = expert_init_std(self.config.initializer_range, self.config.num_hidden_layers)
+        std, out_std = expert_init_std(self.config.initializer_range, self.config.residual_depth)
+        # Projections into the residual stream get GPT-2's 1/sqrt(2L) scaling. They are marked where they are
+        # built: transformers initialises children before parents and skips a tensor already initialised, so
+        # a parent cannot re-initialise its child's weight afterwards.
+        if getattr(module, "writes_residual", False):
+            std = out_std
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=std)
         elif isinstance(module, nn.Embedding):
@@ -172,14 +179,6 @@ class HashMoEPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         elif isinstance(module, MonarchLinear):
             module.reset_parameters(std)
-        # Projections into the residual stream: GPT-2's 1/sqrt(2L) scaling.
-        if isinstance(module, HashMoEAttention):
-            nn.init.normal_(module.o_proj.weight, std=out_std)
-        elif isinstance(module, HashMoEMLP):
-            if isinstance(module.down_proj, MonarchLinear):
-                module.down_proj.reset_parameters(out_std)
-            else:
-                nn.init.normal_(module.down_proj.weight, std=out_std)
 
 
 class HashMoEModel(HashMoEPreTrainedModel):

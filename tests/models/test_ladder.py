@@ -52,6 +52,27 @@ def test_one_step_ladder_is_the_plain_model_and_more_steps_reuse_the_same_weight
     assert int(out.expert_load[0].sum()) == 3 * ids.numel()
 
 
+@pytest.mark.parametrize("ffn", [{}, {"ffn_linear": "monarch", "monarch_blocks": 4}])
+def test_residual_projections_are_scaled_for_every_pass(ffn):
+    # GPT-2's 1/sqrt(2L) counts the branches added to the residual; a K-step ladder adds K x L of them.
+    torch.manual_seed(0)
+    wide = dict(hidden_size=256, intermediate_size=512, moe_layers=[1], num_hidden_layers=2, **ffn)
+    plain = HashMoEForCausalLM(tiny_config(**wide))
+    ladder = HashMoEForCausalLM(tiny_config(**wide, recurrence={"kind": "ladder", "steps": 4}))
+    r = plain.config.initializer_range
+    for model, depth in ((plain, 2), (ladder, 8)):
+        out_std = r / (2 * depth) ** 0.5
+        dense, moe = model.model.layers
+        assert dense.self_attn.o_proj.weight.std().item() == pytest.approx(out_std, rel=0.05)
+        assert dense.self_attn.qkv_proj.weight.std().item() == pytest.approx(r, rel=0.05)
+        # Monarch factors differ from a dense weight; their product has the output scale of one
+        x = torch.randn(2048, 512)
+        with torch.no_grad():
+            assert dense.mlp.down_proj(x).std().item() == pytest.approx(out_std * 512 ** 0.5, rel=0.1)
+            assert dense.mlp.up_proj(x[:, :256]).std().item() == pytest.approx(r * 256 ** 0.5, rel=0.1)
+        assert moe.mlp.experts.w2.std().item() == pytest.approx(out_std, rel=0.05)
+
+
 def test_manual_ladder_reference():
     """Three passes through the shared blocks, by hand, give the model's logits."""
     model = build(recurrence=LADDER, router="hash", hash_function="random")
