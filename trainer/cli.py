@@ -148,7 +148,7 @@ def run_train(args) -> int:
     summary = train(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         ppl = summary["valid_ppl"]
-        print(f"hashmoe: finished at step {summary['step']}"
+        print(f"hashmoe: {'stopped' if summary['stopped_early'] else 'finished'} at step {summary['step']}"
               + (f", valid ppl {ppl:.2f}" if ppl is not None else "")
               + f"\n  run folder:  {summary['run_dir']}\n  TensorBoard: tensorboard --logdir {summary['tensorboard']}",
               flush=True)

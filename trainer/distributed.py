@@ -21,6 +21,7 @@ class ProcessEnv:
     launcher: str
     slurm_job_id: str | None = None  # set inside a Slurm job: preemption (SIGUSR1) requeues it
     cpus_per_task: int | None = None  # Slurm's --cpus-per-task: the threads each rank may use
+    rendezvous: str = ""  # MASTER_ADDR:MASTER_PORT
 
     @property
     def is_main(self) -> bool:
@@ -70,7 +71,8 @@ def resolve_env(environ=os.environ) -> ProcessEnv:
     cpus = environ.get("SLURM_CPUS_PER_TASK", "")
     return ProcessEnv(int(environ["RANK"]), world_size, int(environ["LOCAL_RANK"]), local_world, launcher,
                       slurm_job_id=environ.get("SLURM_JOB_ID") or None,
-                      cpus_per_task=int(cpus) if cpus.isdigit() else None)
+                      cpus_per_task=int(cpus) if cpus.isdigit() else None,
+                      rendezvous=f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}")
 
 
 def init_distributed(env: ProcessEnv) -> str:

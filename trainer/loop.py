@@ -150,8 +150,11 @@ def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
                         "Drop --resume to start a new run, or point --output at the run folder.")
     if previous is not None:
         check_resumable(config, previous)
-    init_distributed(env)
+    backend = init_distributed(env)
     if env.is_main:
+        if env.world_size > 1:
+            print(f"hashmoe: {env.world_size} ranks ({env.launcher}), rendezvous {env.rendezvous}, {backend}",
+                  flush=True)
         save_resolved(config, run_dir)
     data = prepare_on_rank0(config, env)
     model = build_model(config, data)

@@ -209,6 +209,20 @@ class SlurmCluster:
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout:.0f} s: {job}")
 
+    def _cancel_jobs(self, timeout: float = 20.0) -> None:
+        def queued() -> list[str]:
+            result = subprocess.run(["squeue", "--noheader", "-o", "%i"], capture_output=True, text=True,
+                                    env=self.env(), timeout=30)
+            return result.stdout.split()
+
+        jobs = queued()
+        if jobs:
+            subprocess.run(["scancel", "--full", *jobs], env=self.env(), capture_output=True, timeout=30)
+        deadline = time.time() + timeout
+        while jobs and time.time() < deadline:
+            time.sleep(0.2)
+            jobs = queued()
+
     def log(self, name: str) -> str:
         paths = {"munged": self.munge_dir / "munged.log", "slurmctld": self.root / "log" / "slurmctld.log"}
         path = paths.get(name, self.root / "log" / f"{name}.log")
@@ -217,7 +231,10 @@ class SlurmCluster:
 
     # ---- stop -----------------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop every daemon we started, by pid: slurmd first, then slurmctld, then munged."""
+        """Cancel what is still queued or running, then stop every daemon we started, by pid: slurmd first,
+        then slurmctld, then munged."""
+        if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
+            self._cancel_jobs()
         for name in sorted(self.processes, key=lambda n: ("slurmd" not in n, n == "munged")):
             process = self.processes[name]
             if process.poll() is None:
