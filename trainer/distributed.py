@@ -44,6 +44,12 @@ def resolve_env(environ=os.environ) -> ProcessEnv:
         environ["WORLD_SIZE"] = environ["OMPI_COMM_WORLD_SIZE"]
         environ["LOCAL_RANK"] = environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
         environ.setdefault("LOCAL_WORLD_SIZE", environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
+        if "MASTER_ADDR" not in environ and environ["WORLD_SIZE"] != environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"):
+            from trainer.errors import UserError
+
+            raise UserError("MASTER_ADDR", "mpirun started ranks on several hosts, and the rendezvous host is unset "
+                            "(127.0.0.1 would split the job)", "Export it to every rank: mpirun -x "
+                            "MASTER_ADDR=<first host> -x MASTER_PORT=29500 ...")
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
         launcher = "srun"
         environ["RANK"] = environ["SLURM_PROCID"]
