@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--time", help="time limit (Slurm formats: MM, HH:MM:SS, D-HH:MM:SS)")
     slurm.add_argument("--signal-seconds", type=int, default=120,
                        help="send SIGUSR1 this many seconds before the time limit (checkpoint + requeue; "
-                       "default 120: one checkpoint must fit, and Slurm may signal up to 60 s late)")
+                       "default 120: a step and a checkpoint must fit)")
     slurm.add_argument("--setup", action="append", default=[], metavar="SHELL_LINE",
                        help="a line run in the job before srun, e.g. 'module load cuda/12.4' (repeatable)")
     slurm.add_argument("--srun-args", default="", metavar="ARGS",
