@@ -67,6 +67,8 @@ def slurm_conf(root: Path, munge_socket: Path, ctld_port: int, node_ports: dict[
                       f"CPUs={CPUS_PER_NODE} State=UNKNOWN" for name, port in node_ports.items())
     return f"""\
 ClusterName=hashmoe-test
+# Job ids (and so the trainer's MASTER_PORT = 15000 + id mod 15000) differ between clusters run side by side.
+FirstJobId={secrets.randbelow(900_000) + 1000}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=root

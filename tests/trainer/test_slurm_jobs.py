@@ -35,8 +35,8 @@ def corpus(tmp_path_factory):
 def write_run(tmp_path: Path, corpus, **overrides) -> tuple[Path, Path]:
     corpus_file, cache = corpus
     run_dir = tmp_path / "run"
-    config = base_config(run_dir, corpus_file, cache, parallel__ep_size=2, optim__max_steps=MAX_STEPS,
-                         checkpoint__every=10, logging__eval_every=10, **overrides)
+    settings = dict(parallel__ep_size=2, optim__max_steps=MAX_STEPS, checkpoint__every=10, logging__eval_every=10)
+    config = base_config(run_dir, corpus_file, cache, **{**settings, **overrides})
     return write_config(tmp_path / "run.yaml", config), run_dir
 
 
@@ -81,7 +81,8 @@ def test_two_task_job_trains_to_the_end(cluster, corpus, tmp_path):
 
 def wait_until_ranks_started(cluster: SlurmCluster, job_id: str, run_dir: Path) -> None:
     """config.yaml is written once every rank has installed its signal handlers and joined the process group;
-    the ranks then spend seconds on data, model and engine set-up, so a signal sent now lands before step 1."""
+    the ranks then spend seconds on data, model and engine set-up, so a signal sent now arrives during
+    start-up (which must not kill them) and takes effect after step 1."""
     deadline = time.time() + 90
     while not (run_dir / "config.yaml").is_file():
         assert time.time() < deadline, job_log(run_dir, job_id)
@@ -89,12 +90,18 @@ def wait_until_ranks_started(cluster: SlurmCluster, job_id: str, run_dir: Path) 
         time.sleep(0.05)
 
 
-def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(cluster, corpus, tmp_path):
-    """What `--signal=USR1@S` does before the time limit, sent now with scancel: the ranks finish the step and
-    checkpoint, rank 0 requeues the job, and the requeued job (same id, same log) resumes from that step."""
-    config, run_dir = write_run(tmp_path, corpus)
+def test_usr1_mid_run_checkpoints_requeues_and_the_requeued_job_resumes(cluster, corpus, tmp_path):
+    """What `--signal=USR1@S` does before the time limit, sent with scancel once training is past its first
+    periodic checkpoint: the ranks finish the step they are in and checkpoint it, rank 0 requeues the job, and
+    the requeued job (same id, same log) resumes from that step to the end."""
+    max_steps = 80  # 40-100 steps/s here; the signal lands within a few steps
+    config, run_dir = write_run(tmp_path, corpus, optim__max_steps=max_steps, checkpoint__every=10)
     job_id = submit(cluster, config, "--ntasks-per-node", "2")
-    wait_until_ranks_started(cluster, job_id, run_dir)
+    deadline = time.time() + 90
+    while not (train_rows(run_dir) and max(train_rows(run_dir)) >= 10):
+        assert time.time() < deadline, job_log(run_dir, job_id)
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), job_log(run_dir, job_id)
+        time.sleep(0.02)
     subprocess.run(["scancel", "--signal=USR1", job_id], env=cluster.env(), check=True)
 
     # Slurm holds a requeued batch job for 120 s (BeginTime) before it may start again; release it now.
@@ -112,15 +119,15 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(cluster, corpus,
     stopped = re.search(r"stopped by a signal at step (\d+), checkpoint saved; requeueing", log)
     assert stopped, job_log(run_dir, job_id)
     step = int(stopped.group(1))
-    assert 1 <= step < MAX_STEPS
+    assert 10 <= step < max_steps, job_log(run_dir, job_id)
     assert f"requeueing Slurm job {job_id}" in log and f"hashmoe: job {job_id} (restart 1)" in log, log
     assert f"resuming from {run_dir / 'checkpoints' / f'step_{step}'} (step {step})" in log, log
-    assert f"finished at step {MAX_STEPS}" in log and f"stopped at step {step}" in log
+    assert f"finished at step {max_steps}" in log and f"stopped at step {step}" in log
     # the loss curve continues: every step exactly once, no gap, no duplicate
     steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if "train/loss" in r]
-    assert steps == list(range(1, MAX_STEPS + 1)), steps
-    assert checkpoint_state(run_dir, MAX_STEPS)["world_size"] == 2
+    assert steps == list(range(1, max_steps + 1)), steps
+    assert checkpoint_state(run_dir, max_steps)["world_size"] == 2
 
 
 def test_scancel_checkpoints_and_stops_without_requeue(cluster, corpus, tmp_path):
