@@ -176,6 +176,9 @@ def check_request(config: RunConfig, request: SlurmRequest) -> None:
     for line in request.setup:
         if "\n" in line:
             raise UserError("--setup", "holds a newline", "Pass each shell line as its own --setup.")
+    for flag, value in (("--srun-args", request.srun_args), ("--hashmoe", request.hashmoe or "")):
+        if "\n" in value:
+            raise UserError(flag, "holds a newline", "Give the options on one line (they go on srun's line).")
     template = Path(request.template) if request.template else TEMPLATE
     if not template.is_file():
         raise UserError("--template", f"{template} not found", "Pass an sbatch template (see slurm/hashmoe.sbatch).")
@@ -260,17 +263,33 @@ def submit(job: RenderedJob, run=subprocess.run, environ=None) -> str:
     return job_id
 
 
+def resumable_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
+    """The checkpoint the job will resume from, checked now: a run folder trained with another model shape
+    would fail only once the job starts."""
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.loop import check_resumable
+
+    previous = latest_checkpoint(run_dir)
+    if previous is not None:
+        check_resumable(config, previous)
+    return previous
+
+
 def slurm_command(config_path: str, overrides: list[str], output: str | None, request: SlurmRequest,
                   dry_run: bool) -> int:
     config = load_config(config_path, overrides, output)  # config errors first, before anything else
     check_request(config, request)
     job = render(config, request)
+    resumes = resumable_checkpoint(config, job.run_dir)
     if dry_run:
         print(job.script, end="")
         print(f"# hashmoe: dry run, nothing submitted. Would write {job.config_snapshot} (the resolved config) "
-              f"and {job.script_path}, then run: sbatch --parsable {job.script_path}", flush=True)
+              f"and {job.script_path}, then run: sbatch --parsable {job.script_path}"
+              + (f"\n# the job would resume from {resumes}" if resumes is not None else ""), flush=True)
         return 0
     job_id = submit(job)
+    if resumes is not None:
+        print(f"hashmoe: the job resumes from {resumes}", flush=True)
     per_node = f"{request.gpus_per_node} GPUs" if request.gpus_per_node else f"{request.tasks_per_node} tasks"
     log = job.log_dir / f"{job_id}.out"
     print(f"hashmoe: submitted job {job_id}: {request.nodes} node(s) x {per_node} = {request.world_size} ranks, "

@@ -67,6 +67,7 @@ def test_cpu_job_takes_the_tasks_per_node_and_no_gpus(tmp_path):
     (dict(gpus_per_node=2, signal_seconds=0), "--signal-seconds", "1 to 65535"),
     (dict(gpus_per_node=2, partition="gpu\n#SBATCH --x"), "--partition", "spaces, quotes"),
     (dict(gpus_per_node=2, template="/nonexistent.sbatch"), "--template", "not found"),
+    (dict(gpus_per_node=2, srun_args="--x\nrm -rf /"), "--srun-args", "newline"),
 ])
 def test_bad_requests_are_refused_naming_the_flag(request_args, key, words):
     with pytest.raises(UserError) as err:
@@ -177,3 +178,15 @@ def test_requeue_failure_is_a_warning_not_a_crash(capsys):
 
     assert requeue_job("55", run=refused) is False
     assert "resubmit the job" in capsys.readouterr().err
+
+
+def test_a_run_folder_of_another_model_is_refused_before_submitting(tmp_path, capsys, monkeypatch):
+    """The job would resume from the folder's checkpoint: a different model shape fails now, not in the job."""
+    run_dir = tmp_path / "runs" / "tiny-ep2"
+    (run_dir / "checkpoints" / "step_5").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_5" / "hashmoe_state.json").write_text("{}")
+    (run_dir / "checkpoints" / "latest").write_text("step_5")
+    (run_dir / "config.yaml").write_text("model:\n  num_experts: 4\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["slurm", TINY_EP2, "--gpus-per-node", "2", "--dry-run"]) == 2
+    assert "model.num_experts: the checkpoint in" in capsys.readouterr().err
