@@ -128,9 +128,11 @@ class SlurmRequest:
 
 
 def time_limit_seconds(value: str) -> int:
-    """Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    """Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; 0, UNLIMITED and INFINITE mean no limit."""
+    if value.strip().upper() in ("0", "UNLIMITED", "INFINITE"):
+        return 2**31
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
-    if not match or value.strip() in ("", "0"):
+    if not match:
         raise UserError("--time", f"{value!r} is not a Slurm time limit",
                         f"Use one of {', '.join(TIME_FORMATS)}, e.g. --time 2:00:00 or --time 1-00:00:00.")
     days, first, second, third = match.groups()

@@ -76,7 +76,8 @@ def test_bad_requests_are_refused_naming_the_flag(request_args, key, words):
 
 
 @pytest.mark.parametrize("value,seconds", [("30", 1800), ("30:15", 1815), ("2:00:00", 7200), ("1-0", 86400),
-                                           ("1-2:30", 95400), ("2-00:00:10", 172810)])
+                                           ("1-2:30", 95400), ("2-00:00:10", 172810),
+                                           ("UNLIMITED", 2**31), ("0", 2**31)])
 def test_time_limit_formats(value, seconds):
     assert time_limit_seconds(value) == seconds
 
