@@ -149,7 +149,8 @@ class SlurmCluster:
         self._spawn("munged", [_binary("munged"), "-F", "--force", f"--socket={self.munge_socket}",
                                f"--key-file={key}", f"--pid-file={self.munge_dir / 'munged.pid'}",
                                f"--log-file={self.munge_dir / 'munged.log'}",
-                               f"--seed-file={self.munge_dir / 'munged.seed'}"], user=munge.pw_uid)
+                               f"--seed-file={self.munge_dir / 'munged.seed'}"], user=munge.pw_uid,
+                    group=munge.pw_gid)
         deadline = time.time() + 10
         while time.time() < deadline:
             encode = subprocess.run([_binary("munge"), "-n", "-S", str(self.munge_socket)], capture_output=True)
@@ -162,11 +163,11 @@ class SlurmCluster:
             time.sleep(0.1)
         raise RuntimeError(f"munged did not answer on {self.munge_socket}\n{self.log('munged')}")
 
-    def _spawn(self, name: str, command: list[str], user: int | None = None) -> None:
-        log = open(self.root / f"{name}.stdout", "wb")  # noqa: SIM115 (closed with the daemon's exit)
-        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, user=user, start_new_session=True)
-        log.close()
+    def _spawn(self, name: str, command: list[str], user: int | None = None, group: int | None = None) -> None:
+        with open(self.root / f"{name}.stdout", "wb") as log:  # the daemon keeps its own copy of the descriptor
+            self.processes[name] = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, user=user, group=group,
+                extra_groups=[] if user is not None else None, start_new_session=True)
 
     def _check_alive(self) -> None:
         for name, process in self.processes.items():
