@@ -20,6 +20,8 @@ examples:
   hashmoe train recipes/tiny.yaml --set optim.lr=3e-4     override any config key
   hashmoe launch recipes/tiny-ep2.yaml --nproc 2          2 local processes, experts sharded over them
   torchrun --nproc_per_node 2 -m trainer.cli train RUN.yaml   (also: deepspeed, mpirun, srun)
+  hashmoe slurm recipes/tiny-ep2.yaml --nodes 2 --gpus-per-node 4 --partition gpu --time 4:00:00
+  mpirun -np 2 hashmoe train recipes/tiny-ep2.yaml         OpenMPI ranks
   hashmoe export runs/tiny/checkpoints/step_300 out/tiny  one HF folder with every expert
   hashmoe push runs/tiny --repo-id alice/hash-moe-tiny    export, model card, upload to the Hub
 """
@@ -47,6 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(launch)
     launch.add_argument("--nproc", type=int, required=True, help="number of local processes (ranks)")
     launch.add_argument("--resume", action="store_true", help="as for train")
+
+    slurm = commands.add_parser(
+        "slurm", help="submit a run as a Slurm batch job (srun: one rank per GPU or task)",
+        description="Check the run config against the allocation, render slurm/hashmoe.sbatch into "
+        "RUN_DIR/slurm/job.sbatch (with a snapshot of the resolved config, RUN_DIR/slurm/run.yaml) and submit it "
+        "with sbatch. The job is requeueable: Slurm sends SIGUSR1 --signal-seconds before the time limit, the "
+        "ranks checkpoint and the job requeues itself and resumes. Logs: RUN_DIR/slurm/JOBID.out/.err.",
+        epilog="CPU partitions: --gpus-per-node 0 --ntasks-per-node T (gloo). GPU partitions: one rank per GPU "
+        "(NCCL). Operators: see slurm/README.md.")
+    add_run_arguments(slurm)
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    slurm.add_argument("--gpus-per-node", type=int, required=True,
+                       help="GPUs per node, one rank each; 0 for a CPU partition")
+    slurm.add_argument("--ntasks-per-node", type=int, help="ranks per node on a CPU partition (default 1); on "
+                       "GPUs it equals --gpus-per-node")
+    slurm.add_argument("--cpus-per-task", type=int, help="CPU cores per rank (also the rank's torch threads)")
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--account", help="Slurm account to charge")
+    slurm.add_argument("--qos", help="Slurm quality of service")
+    slurm.add_argument("--time", help="time limit (Slurm formats: MM, HH:MM:SS, D-HH:MM:SS)")
+    slurm.add_argument("--signal-seconds", type=int, default=120,
+                       help="send SIGUSR1 this many seconds before the time limit (checkpoint + requeue; "
+                       "default 120: a step and a checkpoint must fit)")
+    slurm.add_argument("--setup", action="append", default=[], metavar="SHELL_LINE",
+                       help="a line run in the job before srun, e.g. 'module load cuda/12.4' (repeatable)")
+    slurm.add_argument("--srun-args", default="", metavar="ARGS",
+                       help="extra srun options, e.g. '--container-image=IMAGE --container-mounts=/data:/data'")
+    slurm.add_argument("--hashmoe", metavar="COMMAND", help="command that runs hashmoe on the compute nodes "
+                       "(default: this Python, `-m trainer.cli`; inside a container: hashmoe)")
+    slurm.add_argument("--template", help="sbatch template (default slurm/hashmoe.sbatch)")
+    slurm.add_argument("--dry-run", action="store_true", help="print the job script, submit nothing")
 
     export = commands.add_parser("export", help="gather a checkpoint's experts into one HF folder",
                                  description="Write CHECKPOINT (RUN_DIR/checkpoints/step_N) as one HuggingFace "
@@ -115,7 +148,7 @@ def run_train(args) -> int:
     summary = train(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         ppl = summary["valid_ppl"]
-        print(f"hashmoe: finished at step {summary['step']}"
+        print(f"hashmoe: {'stopped' if summary['stopped_early'] else 'finished'} at step {summary['step']}"
               + (f", valid ppl {ppl:.2f}" if ppl is not None else "")
               + f"\n  run folder:  {summary['run_dir']}\n  TensorBoard: tensorboard --logdir {summary['tensorboard']}",
               flush=True)
@@ -141,6 +174,16 @@ def run_launch(args) -> int:
         command.append("--resume")
     env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
     return subprocess.call(command, env=env)
+
+
+def run_slurm(args) -> int:
+    from trainer.slurm import SlurmRequest, slurm_command
+
+    request = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ntasks_per_node=args.ntasks_per_node,
+                           cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
+                           qos=args.qos, time=args.time, signal_seconds=args.signal_seconds, setup=args.setup,
+                           srun_args=args.srun_args, hashmoe=args.hashmoe, template=args.template)
+    return slurm_command(args.config, args.overrides, args.output, request, args.dry_run)
 
 
 def run_export(args) -> int:
@@ -206,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": run_train, "launch": run_launch, "export": run_export, "push": run_push,
+    handlers = {"train": run_train, "launch": run_launch, "slurm": run_slurm, "export": run_export, "push": run_push,
                 "compare": run_compare, "bench": run_bench}
     try:
         return handlers[args.command](args)

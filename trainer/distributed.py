@@ -1,6 +1,7 @@
 """Process environment, resolved once at start-up: who am I (rank, world size, local rank), where is the
 rendezvous, and which backend. Works with no launcher (one process), torchrun, the deepspeed launcher,
-`hashmoe launch`, mpirun (OpenMPI variables) and srun (Slurm variables)."""
+`hashmoe launch`, mpirun (OpenMPI variables) and srun (Slurm variables; the rendezvous is derived from the
+allocation by trainer.slurm.rendezvous)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ class ProcessEnv:
     local_rank: int
     local_world_size: int
     launcher: str
+    slurm_job_id: str | None = None  # set inside a Slurm job: preemption (SIGUSR1) requeues it
+    cpus_per_task: int | None = None  # Slurm's --cpus-per-task: the threads each rank may use
+    rendezvous: str = ""  # MASTER_ADDR:MASTER_PORT
 
     @property
     def is_main(self) -> bool:
@@ -40,12 +44,24 @@ def resolve_env(environ=os.environ) -> ProcessEnv:
         environ["WORLD_SIZE"] = environ["OMPI_COMM_WORLD_SIZE"]
         environ["LOCAL_RANK"] = environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
         environ.setdefault("LOCAL_WORLD_SIZE", environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
+        if "MASTER_ADDR" not in environ and environ["WORLD_SIZE"] != environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"):
+            from trainer.errors import UserError
+
+            raise UserError("MASTER_ADDR", "mpirun started ranks on several hosts, and the rendezvous host is unset "
+                            "(127.0.0.1 would split the job)", "Export it to every rank: mpirun -x "
+                            "MASTER_ADDR=<first host> -x MASTER_PORT=29500 ...")
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
         launcher = "srun"
         environ["RANK"] = environ["SLURM_PROCID"]
         environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
         environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
         environ.setdefault("LOCAL_WORLD_SIZE", environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        if "MASTER_ADDR" not in environ or "MASTER_PORT" not in environ:
+            from trainer.slurm import rendezvous
+
+            addr, port = rendezvous(environ)
+            environ.setdefault("MASTER_ADDR", addr)
+            environ.setdefault("MASTER_PORT", str(port))
     else:
         launcher = "none"
         environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -58,7 +74,11 @@ def resolve_env(environ=os.environ) -> ProcessEnv:
         environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo off this host's non-loopback interfaces
     world_size = int(environ["WORLD_SIZE"])
     local_world = int(environ.get("LOCAL_WORLD_SIZE", world_size))
-    return ProcessEnv(int(environ["RANK"]), world_size, int(environ["LOCAL_RANK"]), local_world, launcher)
+    cpus = environ.get("SLURM_CPUS_PER_TASK", "")
+    return ProcessEnv(int(environ["RANK"]), world_size, int(environ["LOCAL_RANK"]), local_world, launcher,
+                      slurm_job_id=environ.get("SLURM_JOB_ID") or None,
+                      cpus_per_task=int(cpus) if cpus.isdigit() else None,
+                      rendezvous=f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}")
 
 
 def init_distributed(env: ProcessEnv) -> str:
@@ -70,8 +90,8 @@ def init_distributed(env: ProcessEnv) -> str:
     if not use_cuda:
         # DeepSpeed would JIT-compile its shared-memory CPU collective (~1-2 min) at every start.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        # Share the cores between the local ranks instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
+        # Share the cores between the local ranks instead of oversubscribing them (Slurm says how many).
+        torch.set_num_threads(env.cpus_per_task or max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
     else:
         torch.cuda.set_device(env.local_rank)
     backend = "nccl" if use_cuda else "gloo"

@@ -103,20 +103,34 @@ def prepare_on_rank0(config: RunConfig, env: ProcessEnv) -> PreparedData:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm preemption): finish the step, checkpoint, exit."""
+    """SIGUSR1 (Slurm's warning before the time limit or a preemption) and SIGTERM (scancel, the time limit
+    itself): finish the step, checkpoint, exit. Only SIGUSR1 asks for a requeue under Slurm; SIGTERM means
+    "stop" (a user's scancel must not come back). Installed before the process group starts, so a signal that
+    arrives during start-up still ends with a checkpoint instead of killing the rank."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.received = torch.zeros(len(self.SIGNALS))  # 1 where that signal arrived on this rank
+        self.agreed_flags = torch.zeros(len(self.SIGNALS))  # the same, over all ranks, at the last agreed()
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.received[self.SIGNALS.index(signum)] = 1.0
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Collective: every rank learns which signals any rank received; all stop at the same step."""
+        # A copy: the handler may fire during the all_reduce, and every rank must decide on the same values.
+        flags = self.received.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.agreed_flags = flags
+        return bool(flags.any())
+
+    @property
+    def requeue(self) -> bool:
+        """Call after agreed(): preempted (USR1) and nobody asked to stop for good (TERM)."""
+        return bool(self.agreed_flags[0]) and not bool(self.agreed_flags[1])
 
 
 def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
@@ -126,6 +140,7 @@ def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
 
     from trainer.parallel import check_expert_groups, parallelize
 
+    stop = StopRequest()
     env = resolve_env()
     check_world_size(config, env.world_size)
     run_dir = config.run_dir
@@ -135,8 +150,11 @@ def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
                         "Drop --resume to start a new run, or point --output at the run folder.")
     if previous is not None:
         check_resumable(config, previous)
-    init_distributed(env)
+    backend = init_distributed(env)
     if env.is_main:
+        if env.world_size > 1:
+            print(f"hashmoe: {env.world_size} ranks ({env.launcher}), rendezvous {env.rendezvous}, {backend}",
+                  flush=True)
         save_resolved(config, run_dir)
     data = prepare_on_rank0(config, env)
     model = build_model(config, data)
@@ -164,9 +182,21 @@ def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
                                            f"schedule and data position restored, {restored}")
             print(f"hashmoe: resuming from {previous} (step {start_step}){note}", flush=True)
 
-    summary = TrainLoop(config, env, engine, data, model_config, counts).run(start_step)
+    summary = TrainLoop(config, env, engine, data, model_config, counts, stop).run(start_step)
     if on_finish is not None:
         on_finish(engine)
+    if summary["stopped_early"]:
+        requeue = summary["requeue"] and env.slurm_job_id is not None
+        if env.is_main:
+            print(f"hashmoe: stopped by a signal at step {summary['step']}, checkpoint saved"
+                  + ("; requeueing the Slurm job to resume from it" if requeue else
+                     "; run the same command again to resume"), flush=True)
+        if requeue:
+            from trainer.slurm import requeue_job
+
+            dist.barrier()  # every rank is done writing: the requeue ends the job at once
+            if env.is_main:
+                requeue_job(env.slurm_job_id)
     return summary
 
 
@@ -187,7 +217,7 @@ def check_resumable(config: RunConfig, checkpoint_dir: Path) -> None:
 
 
 class TrainLoop:
-    def __init__(self, config, env, engine, data, model_config, counts):
+    def __init__(self, config, env, engine, data, model_config, counts, stop: StopRequest | None = None):
         self.config, self.env, self.engine, self.data = config, env, engine, data
         self.counts = counts
         self.model_config_dict = json.loads(model_config.to_json_string())
@@ -199,7 +229,7 @@ class TrainLoop:
         self.num_moe_layers = len(model_config.moe_layers)
         self.num_experts = model_config.num_experts
         self.metrics = MetricsWriter(config.run_dir, env.is_main, config.logging.tensorboard)
-        self.stop = StopRequest()
+        self.stop = stop or StopRequest()
         self.reset_window()
 
     def reset_window(self):
@@ -249,7 +279,9 @@ class TrainLoop:
         if progress is not None:
             progress.close()
         self.metrics.close()
-        summary = {"step": step, "stopped_early": step < max_steps, "valid_loss": last_valid,
+        stopped = step < max_steps
+        summary = {"step": step, "stopped_early": stopped, "requeue": stopped and self.stop.requeue,
+                   "valid_loss": last_valid,
                    "valid_ppl": math.exp(last_valid) if last_valid is not None else None,
                    "run_dir": str(config.run_dir), "tensorboard": str(config.run_dir / "tb")}
         if self.env.is_main:
