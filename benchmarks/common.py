@@ -132,6 +132,9 @@ class OtherLoad:
             return 0.0
         wall = time.monotonic() - self._wall
         others = (cpu_busy_seconds() - self._busy) - (own_cpu_seconds() - self._own)
+        # Both clocks count in ticks (1/CLK_TCK s) and tick at different moments: allow two ticks of error,
+        # or a round of a few ms reads as several cores of "other" load.
+        others -= 2.0 / os.sysconf("SC_CLK_TCK")
         return max(0.0, others / wall) if wall > 0 else 0.0
 
 

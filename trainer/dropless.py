@@ -90,6 +90,10 @@ def source_to_slot_order(counts_from_PL: torch.Tensor) -> torch.Tensor:
 
 def run_local_experts(x_ND: torch.Tensor, counts_L: list[int], local_experts) -> torch.Tensor:
     outputs = [expert(rows) for expert, rows in zip(local_experts, torch.split(x_ND, counts_L)) if rows.shape[0]]
-    if not outputs:  # nothing routed here: keep every expert in the graph so gradient reduction sees zeros
-        return x_ND.new_zeros(x_ND.shape) + 0.0 * sum(p.sum() for e in local_experts for p in e.parameters())
+    if not outputs:
+        # Nothing routed here. The result must still depend on x_ND: otherwise autograd skips the backward of
+        # the all-to-all that delivered it on this rank only, and the other ranks' matching collective waits
+        # for a partner that never comes (gloo: "Received data size doesn't match"). The experts stay in the
+        # graph so gradient reduction sees zeros.
+        return x_ND * 0.0 + 0.0 * sum(p.sum() for e in local_experts for p in e.parameters())
     return torch.cat(outputs)

@@ -21,13 +21,20 @@ def main(out_path: str) -> None:
              "hash-multi": dict(router="hash", hash_function="random", hash_heads=2),
              "topk": dict(router="topk", capacity_factor=None),
              "switch": dict(router="switch", capacity_factor=None, router_jitter=0.0),
-             "skewed": dict(router="hash", hash_function="position")}
+             "skewed": dict(router="hash", hash_function="position"),
+             "one-rank": dict(router="switch", capacity_factor=None, router_jitter=0.0)}
     for name, extra in cases.items():
         torch.manual_seed(0)
         config = HashMoEConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                num_attention_heads=2, max_position_embeddings=16, moe_layers=[0, 1], num_experts=4,
                                **extra)
-        model = parallelize(HashMoEForCausalLM(config), 2, env.rank, "stock")
+        model = HashMoEForCausalLM(config)
+        if name == "one-rank":  # experts 2 and 3 (ep rank 1) never win: rank 1 receives no rows at all
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    layer.mlp.router.weight[2:] = 0.0
+                    layer.mlp.router.weight[1] = -layer.mlp.router.weight[0]
+        model = parallelize(model, 2, env.rank, "stock")
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
             "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
             "steps_per_print": 10**9})
