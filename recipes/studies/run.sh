@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the runs of each miniature study one after another, then compare each study's runs.
-#   [STUDIES="ladder hash-ladder staircase doping"] bash recipes/studies/run.sh [OUT_ROOT]
+#   [STUDIES="ladder hash-ladder staircase doping ladder-lr staircase-lr"] bash recipes/studies/run.sh [OUT_ROOT]
 # OUT_ROOT defaults to docs/results/studies; each study writes OUT_ROOT/<study>/report.md and its plots.
 # Runs that already finished (summary.json present) are skipped, and runs shared by two studies are trained
 # once, so the script can be re-run after an interruption.
@@ -13,8 +13,10 @@ declare -A STUDY_RUNS=(
     [hash-ladder]="dense-l2 hash-l2 ladder2-l2 hash-ladder2-l2"
     [staircase]="walk-plain walk-ladder4 walk-staircase walk-staircase-cached"
     [doping]="ff256 ff256-frozen768 ff1024 ff1024-monarch"
+    [ladder-lr]="dense-l2 ladder2-l2 dense-l2-lr1e-3 ladder2-l2-lr1e-3"
+    [staircase-lr]="walk-plain walk-staircase walk-staircase-lr1e-3"
 )
-for study in ${STUDIES:-ladder hash-ladder staircase doping}; do
+for study in ${STUDIES:-ladder hash-ladder staircase doping ladder-lr staircase-lr}; do
     if [ -z "${STUDY_RUNS[$study]:-}" ]; then
         echo "unknown study '$study'; studies: ${!STUDY_RUNS[*]}" >&2
         exit 2
