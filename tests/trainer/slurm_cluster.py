@@ -132,7 +132,7 @@ class SlurmCluster:
             self._spawn("slurmctld", [_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             for node in NODES:
                 self._spawn(f"slurmd-{node}", [_binary("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
-            self._wait_idle(timeout)
+            self.wait_idle(timeout)
         except BaseException:
             self.stop()
             raise
@@ -174,7 +174,7 @@ class SlurmCluster:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}\n{self.log(name)}")
 
-    def _wait_idle(self, timeout: float) -> None:
+    def wait_idle(self, timeout: float) -> None:
         deadline = time.time() + timeout
         states = ""
         while time.time() < deadline:

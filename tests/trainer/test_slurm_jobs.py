@@ -112,6 +112,9 @@ def test_usr1_mid_run_checkpoints_requeues_and_the_requeued_job_resumes(cluster,
             break
         assert time.time() < deadline, f"{job}\n{job_log(run_dir, job_id)}"
         time.sleep(0.1)
+    # Slurm's hold also lets the old job's step finish on the node; releasing the job earlier than Slurm would,
+    # wait for that first, or the new batch may land on a node still completing the old one and fail at launch.
+    cluster.wait_idle(60)
     cluster.scontrol("update", f"JobId={job_id}", "StartTime=now")
     job = finish(cluster, job_id, run_dir)
 
