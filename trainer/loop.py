@@ -144,12 +144,10 @@ def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
     env = resolve_env()
     check_world_size(config, env.world_size)
     run_dir = config.run_dir
-    previous = ckpt.latest_checkpoint(run_dir)
+    previous = resumable_checkpoint(config)
     if resume and previous is None:
         raise UserError("--resume", f"no complete checkpoint in {ckpt.checkpoint_root(run_dir)}",
                         "Drop --resume to start a new run, or point --output at the run folder.")
-    if previous is not None:
-        check_resumable(config, previous)
     backend = init_distributed(env)
     if env.is_main:
         if env.world_size > 1:
@@ -198,6 +196,14 @@ def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
             if env.is_main:
                 requeue_job(env.slurm_job_id)
     return summary
+
+
+def resumable_checkpoint(config: RunConfig) -> Path | None:
+    """The run folder's latest complete checkpoint, checked against this config; None for a new run."""
+    previous = ckpt.latest_checkpoint(config.run_dir)
+    if previous is not None:
+        check_resumable(config, previous)
+    return previous
 
 
 def check_resumable(config: RunConfig, checkpoint_dir: Path) -> None:

@@ -265,24 +265,15 @@ def submit(job: RenderedJob, run=subprocess.run, environ=None) -> str:
     return job_id
 
 
-def resumable_checkpoint(config: RunConfig, run_dir: Path) -> Path | None:
-    """The checkpoint the job will resume from, checked now: a run folder trained with another model shape
-    would fail only once the job starts."""
-    from trainer.checkpoint import latest_checkpoint
-    from trainer.loop import check_resumable
-
-    previous = latest_checkpoint(run_dir)
-    if previous is not None:
-        check_resumable(config, previous)
-    return previous
-
-
 def slurm_command(config_path: str, overrides: list[str], output: str | None, request: SlurmRequest,
                   dry_run: bool) -> int:
+    from trainer.loop import resumable_checkpoint
+
     config = load_config(config_path, overrides, output)  # config errors first, before anything else
     check_request(config, request)
     job = render(config, request)
-    resumes = resumable_checkpoint(config, job.run_dir)
+    # checked now: a run folder trained with another model shape would fail only once the job starts
+    resumes = resumable_checkpoint(config)
     if dry_run:
         print(job.script, end="")
         print(f"# hashmoe: dry run, nothing submitted. Would write {job.config_snapshot} (the resolved config) "
