@@ -68,7 +68,9 @@ class HashMoEConfig(PretrainedConfig):
         capacity_factor (`float`, *optional*, defaults to 1.0): training capacity of `switch`/`topk`: each
             expert takes at most `ceil(k * tokens * capacity_factor / num_experts)` tokens; the rest are dropped
             and pass through the residual. `None` means no capacity (dropless).
-        eval_capacity_factor (`float`, *optional*, defaults to 2.0): the same at evaluation.
+        eval_capacity_factor (`float`, *optional*, defaults to `None`): the same at evaluation. `None` (no capacity)
+            makes evaluation equal generation: a token's output depends on nothing but its own sequence. A
+            capacity at evaluation makes outputs depend on padding and on the other sequences in the batch.
         router_aux_loss_coef (`float`, defaults to 0.01): alpha of the load-balancing loss
             `alpha * E * sum_i f_i * P_i` (switch, topk).
         router_z_loss_coef (`float`, defaults to 0.0): coefficient of the router z-loss
@@ -127,7 +129,7 @@ class HashMoEConfig(PretrainedConfig):
     hash_seed: int = 0
     num_experts_per_tok: int = 2
     capacity_factor: float | None = 1.0
-    eval_capacity_factor: float | None = 2.0
+    eval_capacity_factor: float | None = None
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     router_jitter: float = 0.01

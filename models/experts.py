@@ -5,7 +5,7 @@ A kept assignments (T*K minus the dropped ones), G slots (E experts x segments),
 
 Dispatch never builds the GShard one-hot [T, E, capacity] tensor: tokens are sorted by the slot they go
 to, each expert runs one matmul over its contiguous slice, and the outputs are scattered back. Memory
-stays O(T*K*D). The same `forward_sorted` serves the expert-parallel path, where the sorted slices
+stays O(T*K*D). The same bank `forward` serves the expert-parallel path, where the sorted slices
 arrive from other ranks (trainer/parallel.py).
 """
 
@@ -61,8 +61,9 @@ class ExpertBank(nn.Module):
         hidden = [slice(m * size, (m + 1) * size) for m in range(self.num_segments)]
         return [w1[h] for w1 in w1_E for h in hidden], [w2[:, h] for w2 in w2_E for h in hidden]
 
-    def forward_sorted(self, x_AD: torch.Tensor, tokens_per_slot: list[int]) -> torch.Tensor:
-        """Rows of `x_AD` are grouped by slot, `tokens_per_slot[g]` rows for slot g, in slot order."""
+    def forward(self, x_AD: torch.Tensor, tokens_per_slot: list[int]) -> torch.Tensor:
+        """Rows of `x_AD` are grouped by slot, `tokens_per_slot[g]` rows for slot g, in slot order. Called
+        through the module (not a method of it), so hooks on the bank (accelerate's offload) see the weights."""
         return GroupedExpertFFN.apply(x_AD, self.w1, self.w2, tokens_per_slot, self.num_segments, self.act)
 
 
@@ -171,7 +172,7 @@ def dispatch_local(x_TD: torch.Tensor, expert_index_TK: torch.Tensor, expert_wei
     """y_t = sum_k weight[t, k] * expert_{index[t, k]}(x_t), all experts local; dropped tokens give 0."""
     slot_TK = assignment_slots(expert_index_TK, bank.num_segments)
     token_A, order_A, tokens_per_slot_G = sort_by_slot(slot_TK, bank.num_slots)
-    y_AD = bank.forward_sorted(gather_routes(x_TD, order_A, slot_TK.shape[1]), tokens_per_slot_G.tolist())
+    y_AD = bank(gather_routes(x_TD, order_A, slot_TK.shape[1]), tokens_per_slot_G.tolist())
     y_AD = y_AD * expert_weight_TK.reshape(-1)[order_A].unsqueeze(1).to(y_AD.dtype)
     return combine_routes(y_AD, order_A, *slot_TK.shape)
 

@@ -14,6 +14,8 @@ outside (trainer/parallel.py) with a module of the same call signature.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hashmoe import HashMoEConfig
 from .experts import ACTIVATIONS, ExpertBank, dispatch_local, expert_init_std
@@ -39,43 +43,107 @@ class MoELayerStats:
     dropped: torch.Tensor  # number of dropped assignments
 
 
-@dataclass
-class HashMoECausalLMOutput(ModelOutput):
-    """`loss` = `lm_loss` + `aux_loss`. Per MoE layer: `router_logits` and `expert_indices` (when
-    `output_router_logits`), and always `expert_load` ([E] assignments per expert) and `dropped_tokens`."""
+# transformers 5.24 renamed the cache field of every output class from `past_key_values` to `cache`. The outputs
+# below extend transformers' own MoE outputs, so they carry whichever name the installed release uses.
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-    loss: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None
+
+def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The forward's cache under either name; the old name warns where the installed release renamed it."""
+    if past_key_values is None:
+        return cache
+    if CACHE_FIELD == "cache":
+        warnings.warn("`past_key_values` is deprecated since transformers 5.24: pass `cache` instead",
+                      FutureWarning, stacklevel=3)
+    return past_key_values if cache is None else cache
+
+
+@dataclass
+class HashMoEModelOutput(MoeModelOutputWithPast):
+    """transformers' MoE decoder output plus, per MoE layer (and ladder pass), the routing: `expert_indices`
+    (when `output_router_logits`), and always `expert_load` ([E] assignments per expert), `dropped_tokens` and
+    the summed router `aux_loss`."""
+
     aux_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    router_logits: tuple[torch.Tensor | None, ...] | None = None
     expert_indices: tuple[torch.Tensor, ...] | None = None
     expert_load: tuple[torch.Tensor, ...] | None = None
     dropped_tokens: torch.Tensor | None = None
 
 
+@dataclass
+class HashMoECausalLMOutput(MoeCausalLMOutputWithPast):
+    """`loss` = `lm_loss` + `aux_loss` (transformers' causal-LM loss plus the routers' auxiliary losses).
+    Per MoE layer: `router_logits` and `expert_indices` (when `output_router_logits`), and always `expert_load`
+    ([E] assignments per expert, summed over ladder passes) and `dropped_tokens`."""
+
+    lm_loss: torch.Tensor | None = None
+    expert_indices: tuple[torch.Tensor, ...] | None = None
+    expert_load: tuple[torch.Tensor, ...] | None = None
+    dropped_tokens: torch.Tensor | None = None
+
+
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """softmax(q k^T * scaling + mask) v, returning the weights too (`output_attentions`). Layout as
+    transformers' attention functions: inputs [B, H, S, hd], output [B, S, H, hd]."""
+    weights_BHSP = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights_BHSP = weights_BHSP + attention_mask
+    weights_BHSP = F.softmax(weights_BHSP, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights_BHSP = F.dropout(weights_BHSP, p=dropout, training=module.training)
+    return torch.matmul(weights_BHSP, value).transpose(1, 2).contiguous(), weights_BHSP
+
+
+@dataclass
+class AttentionLayout:
+    """Which keys each query may see, before the cache tells how many keys there are: the queries' absolute
+    positions and, with padding, which of the keys so far are real tokens. A static cache returns all its
+    `max_cache_len` slots, so the mask is built per layer from the keys actually returned."""
+
+    query_pos_S: torch.Tensor
+    key_real_BP: torch.Tensor | None  # attention_mask [B, tokens so far], 1 = real token
+    ready_mask: torch.Tensor | None = None  # a 4-D mask given by the caller, used as it is
+    plain_causal: bool = False  # no cache, no padding: attention functions may use their causal kernels
+
+    def mask_for(self, num_keys: int, implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.ready_mask is not None:
+            return self.ready_mask[..., :num_keys]
+        if self.plain_causal and num_keys == self.query_pos_S.shape[0]:
+            return None
+        allowed_B1SP = attention_allowed(self.key_real_BP, self.query_pos_S, num_keys)
+        if implementation == "sdpa":
+            return allowed_B1SP
+        return torch.zeros(allowed_B1SP.shape, dtype=dtype, device=allowed_B1SP.device).masked_fill(
+            ~allowed_B1SP, torch.finfo(dtype).min)
+
+
 class HashMoEAttention(nn.Module):
-    """Causal multi-head self-attention through `scaled_dot_product_attention`, with a KV cache."""
+    """Causal multi-head self-attention through transformers' attention interface (eager or sdpa), with a
+    KV cache."""
 
     def __init__(self, config: HashMoEConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim ** -0.5
+        self.is_causal = True  # read by transformers' sdpa function
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj.writes_residual = True
         self.dropout = config.dropout
 
-    def forward(self, x_BSD: torch.Tensor, allowed_B1SP: torch.Tensor | None, cache: Cache | None,
-                cache_index: int) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, layout: AttentionLayout, cache: Cache | None,
+                cache_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv_proj(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(k, v, cache_index)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed_B1SP, is_causal=allowed_B1SP is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, D))
+        implementation = self.config._attn_implementation or "sdpa"
+        attend = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        y_BSHd, weights = attend(self, q, k, v, layout.mask_for(k.shape[2], implementation, q.dtype),
+                                 dropout=self.dropout if self.training else 0.0, scaling=self.scaling)
+        return self.o_proj(y_BSHd.reshape(B, S, D)), weights
 
 
 class HashMoEMLP(nn.Module):
@@ -96,14 +164,25 @@ class HashMoEMLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
         self.frozen_size = config.frozen_ffn_size
         if self.frozen_size:
-            std, out_std = expert_init_std(config.initializer_range, config.residual_depth)
-            # Drawn on CPU from the seed alone (also under from_pretrained's meta device): same on every rank.
-            with torch.device("cpu"):
-                generator = torch.Generator().manual_seed(config.frozen_seed + 1000 * layer_idx)
-                frozen_up = torch.randn(self.frozen_size, D, generator=generator) * std
-                frozen_down = torch.randn(D, self.frozen_size, generator=generator) * out_std
+            self.frozen_seed = config.frozen_seed + 1000 * layer_idx
+            self.frozen_std = expert_init_std(config.initializer_range, config.residual_depth)
+            frozen_up, frozen_down = self._draw_frozen_units(D)
             self.register_buffer("frozen_up", frozen_up)
             self.register_buffer("frozen_down", frozen_down)
+
+    def _draw_frozen_units(self, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Drawn on CPU from the seed alone (also under from_pretrained's meta device): same on every rank.
+        std, out_std = self.frozen_std
+        with torch.device("cpu"):
+            generator = torch.Generator().manual_seed(self.frozen_seed)
+            frozen_up = torch.randn(self.frozen_size, D, generator=generator) * std
+            frozen_down = torch.randn(D, self.frozen_size, generator=generator) * out_std
+        return frozen_up, frozen_down
+
+    def reset_frozen_units(self) -> None:
+        frozen_up, frozen_down = self._draw_frozen_units(self.frozen_up.shape[1])
+        self.frozen_up.copy_(frozen_up)
+        self.frozen_down.copy_(frozen_down)
 
     def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs) -> tuple[torch.Tensor, None]:
         y_BSD = self.down_proj(self.act(self.up_proj(x_BSD)))
@@ -136,7 +215,10 @@ def moe_layer_stats(routed: RouterOutput, num_experts: int) -> MoELayerStats:
     return MoELayerStats(routed, torch.bincount(kept, minlength=num_experts), (index < 0).sum())
 
 
-class HashMoEBlock(nn.Module):
+class HashMoEBlock(GradientCheckpointingLayer):
+    """Pre-norm block. `x_BSD` travels positionally so gradient checkpointing (HF's, re-entrant or not) sees
+    it; the cache is `past_key_values` so checkpointing drops it in training, as for transformers' layers."""
+
     def __init__(self, config: HashMoEConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -146,17 +228,24 @@ class HashMoEBlock(nn.Module):
         self.mlp = HashMoESparseMLP(config, layer_idx) if is_moe else HashMoEMLP(config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x_BSD, allowed_B1SP, cache, cache_index, routing):
-        x_BSD = x_BSD + self.dropout(self.self_attn(self.input_layernorm(x_BSD), allowed_B1SP, cache, cache_index))
+    def forward(self, x_BSD, layout: AttentionLayout, routing: RoutingInputs, past_key_values: Cache | None = None,
+                cache_index: int = 0):
+        attn_BSD, weights = self.self_attn(self.input_layernorm(x_BSD), layout, past_key_values, cache_index)
+        x_BSD = x_BSD + self.dropout(attn_BSD)
         ffn_BSD, stats = self.mlp(self.post_attention_layernorm(x_BSD), routing)
-        return x_BSD + self.dropout(ffn_BSD), stats
+        return x_BSD + self.dropout(ffn_BSD), weights, stats
 
 
 class HashMoEPreTrainedModel(PreTrainedModel):
     config_class = HashMoEConfig
     base_model_prefix = "model"
     _no_split_modules = ["HashMoEBlock"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flash_attn = False  # flash kernels take no boolean mask; padding and the staircase need one
+    _supports_flex_attn = False
+    _supports_attention_backend = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -179,6 +268,27 @@ class HashMoEPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         elif isinstance(module, MonarchLinear):
             module.reset_parameters(std)
+        elif isinstance(module, HashRouter):  # tables are data, not weights: rebuilt from the config's seed
+            module.reset_table()
+        elif isinstance(module, HashMoEMLP) and module.frozen_size:
+            module.reset_frozen_units()
+
+
+    def hash_routers(self) -> list[HashRouter]:
+        return [m for m in self.modules() if isinstance(m, HashRouter)]
+
+    def gradient_checkpointing_enable(self, *args, **kwargs):
+        if (self.config.recurrence or {}).get("kind") == "staircase":
+            raise ValueError("gradient checkpointing is not supported for staircase recurrence yet (the recomputed "
+                             "window does not match the saved one); train a staircase model without it.")
+        return super().gradient_checkpointing_enable(*args, **kwargs)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        for router in self.hash_routers():
+            router.resize_vocab(self.config.vocab_size)
+        return embeddings
 
 
 class HashMoEModel(HashMoEPreTrainedModel):
@@ -189,6 +299,7 @@ class HashMoEModel(HashMoEPreTrainedModel):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(HashMoEBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -197,36 +308,87 @@ class HashMoEModel(HashMoEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                prev_token_ids=None, next_token_ids=None):
-        B, S = input_ids.shape
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                output_router_logits: bool | None = None, return_dict: bool | None = None,
+                prev_token_ids: torch.LongTensor | None = None, next_token_ids: torch.LongTensor | None = None,
+                cache: Cache | None = None, **kwargs) -> HashMoEModelOutput | tuple:
+        """`prev_token_ids` / `next_token_ids` ([B, 1]): the ids just before / after `input_ids`, for hash
+        routers when the sequence arrives in pieces (cached generation). `cache` is transformers 5.24's name
+        for `past_key_values`; either is accepted."""
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
+        return_dict = config.use_return_dict if return_dict is None else return_dict
+        use_cache = config.use_cache if use_cache is None else use_cache
+        past_key_values = resolve_cache(cache, past_key_values)
+        if (input_ids is None) == (inputs_embeds is None) and not (config.is_moe and config.router == "hash"):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids (or inputs_embeds together with input_ids for a hash model)")
+        if input_ids is None and config.is_moe and config.router == "hash":
+            raise ValueError("a hash-routed model routes every token by its id, so it needs input_ids: pass "
+                             "input_ids (inputs_embeds may come with them and then replace the token embeddings)")
+        staircase = (config.recurrence or {}).get("kind") == "staircase"
+        if not use_cache:
+            past_key_values = None
+        elif past_key_values is None and not self.training and not staircase:
+            # A staircase decodes token by token once it has a cache: scoring without one runs the whole sequence.
+            past_key_values = DynamicCache()
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, S = inputs_embeds.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_len + S > self.config.max_position_embeddings:
+        if isinstance(past_len, int) and past_len + S > config.max_position_embeddings:
             raise ValueError(f"sequence of {past_len + S} tokens exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
+                             f"{config.max_position_embeddings}")
+        if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
+            # left padding: positions count only real tokens
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
         if position_ids is None:
-            if attention_mask is not None:  # left padding: count only real tokens
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
-            else:
-                position_ids = torch.arange(past_len, past_len + S, device=input_ids.device).expand(B, S)
-        x_BSD = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
-        recurrence = self.config.recurrence or {}
-        if recurrence.get("kind") == "staircase":
-            return self._staircase(x_BSD, input_ids, position_ids, attention_mask, past_key_values,
-                                   prev_token_ids, next_token_ids)
-        routing = routing_inputs(input_ids, position_ids, self.config.vocab_size, prev_token_ids, next_token_ids)
-        allowed_B1SP = attention_allowed(attention_mask, B, S, past_len, input_ids.device)
-        num_layers, steps = len(self.layers), self.config.ladder_steps
-        reserve_cache_layers(past_key_values, steps * num_layers)
-        layer_stats = []
-        # Ladder (Ju et al. 2021): the same stack K times. Step k of layer i attends to its own cached keys
-        # (cache slot k * L + i): a cache shared across steps would mix states of different depths.
-        for step in range(steps):
-            for index, block in enumerate(self.layers):
-                x_BSD, stats = block(x_BSD, allowed_B1SP, past_key_values, step * num_layers + index, routing)
-                if stats is not None:
-                    layer_stats.append(stats)
-        return self.norm(x_BSD), layer_stats, past_key_values
+            position_ids = (torch.arange(S, device=inputs_embeds.device) + past_len).expand(B, S)
+        x_BSD = self.dropout(inputs_embeds + self.embed_positions(position_ids))
+        if input_ids is None:  # dense and learned routers route by hidden state: any id stands in
+            input_ids = torch.zeros((B, S), dtype=torch.long, device=inputs_embeds.device)
+        hidden_states = (x_BSD,) if output_hidden_states else None
+        attentions = () if output_attentions else None
+        if staircase:
+            x_BSD, layer_stats, past_key_values = self._staircase(x_BSD, input_ids, position_ids, attention_mask,
+                                                                  past_key_values, prev_token_ids, next_token_ids)
+        else:
+            routing = routing_inputs(input_ids, position_ids, config.vocab_size, prev_token_ids, next_token_ids)
+            layout = attention_layout(attention_mask, B, S, past_len, inputs_embeds.device)
+            num_layers, steps = len(self.layers), config.ladder_steps
+            reserve_cache_layers(past_key_values, steps * num_layers)
+            layer_stats = []
+            # Ladder (Ju et al. 2021): the same stack K times. Step k of layer i attends to its own cached keys
+            # (cache slot k * L + i): a cache shared across steps would mix states of different depths.
+            for step in range(steps):
+                for index, block in enumerate(self.layers):
+                    x_BSD, weights, stats = block(x_BSD, layout=layout, routing=routing,
+                                                  past_key_values=past_key_values,
+                                                  cache_index=step * num_layers + index)
+                    if stats is not None:
+                        layer_stats.append(stats)
+                    if output_hidden_states:
+                        hidden_states += (x_BSD,)
+                    if output_attentions:
+                        attentions += (weights,)
+        x_BSD = self.norm(x_BSD)
+        if output_hidden_states:  # as in transformers' decoders: the last entry is the normed output
+            hidden_states = hidden_states[:-1] + (x_BSD,) if len(hidden_states) > 1 else hidden_states + (x_BSD,)
+        output = HashMoEModelOutput(
+            last_hidden_state=x_BSD, hidden_states=hidden_states, attentions=attentions,
+            router_logits=tuple(s.router.router_logits_TE for s in layer_stats) if output_router_logits else None,
+            aux_loss=sum((s.router.aux_loss for s in layer_stats), x_BSD.new_zeros(())),
+            expert_indices=tuple(s.router.expert_index_TK for s in layer_stats) if output_router_logits else None,
+            expert_load=per_layer_load(layer_stats, len(config.moe_layers)),
+            dropped_tokens=sum((s.dropped for s in layer_stats), torch.zeros((), dtype=torch.long)),
+            **{CACHE_FIELD: past_key_values})
+        return output if return_dict else output.to_tuple()
 
     def _staircase(self, x_BSD, input_ids, position_ids, attention_mask, past_key_values, prev_token_ids,
                    next_token_ids):
@@ -240,7 +402,7 @@ class HashMoEModel(HashMoEPreTrainedModel):
             nxt = input_ids[:, hi:hi + 1] if hi < S else next_token_ids
             return routing_inputs(input_ids[:, lo:hi], position_ids[:, lo:hi], vocab, prev, nxt)
 
-        staircase = Staircase(self.config.recurrence, self.layers)
+        staircase = Staircase(self.config.recurrence, self.layers, attention_layout)
         if past_key_values is None:
             x_BSD, layer_stats = staircase.forward(x_BSD, routing_for)
         else:
@@ -250,15 +412,18 @@ class HashMoEModel(HashMoEPreTrainedModel):
                                      f"{type(past_key_values).__name__}")
                 past_key_values = StaircaseCache()
             x_BSD, layer_stats = staircase.decode(x_BSD, routing_for, past_key_values)
-        return self.norm(x_BSD), layer_stats, past_key_values
+        return x_BSD, layer_stats, past_key_values
 
 
 def reserve_cache_layers(cache, num_layers: int) -> None:
-    """generate() sizes its DynamicCache for num_hidden_layers; a ladder needs one cache layer per step."""
+    """generate() sizes its cache for num_hidden_layers; a ladder needs one cache layer per step. New layers
+    copy the cache's own (still empty) first layer, so a static cache stays static."""
     layers = getattr(cache, "layers", None)
-    if layers is not None:
-        while len(layers) < num_layers:
-            layers.append(DynamicLayer())
+    if layers is None or len(layers) >= num_layers:
+        return
+    template = layers[0] if layers and not getattr(layers[0], "is_initialized", True) else None
+    while len(layers) < num_layers:
+        layers.append(copy.deepcopy(template) if template is not None else DynamicLayer())
 
 
 def routing_inputs(input_ids_BS, position_ids_BS, vocab_size, prev_token_ids_B1=None, next_token_ids_B1=None):
@@ -273,19 +438,31 @@ def routing_inputs(input_ids_BS, position_ids_BS, vocab_size, prev_token_ids_B1=
                          position_ids_BS.reshape(-1))
 
 
-def attention_allowed(attention_mask_BP, B, S, past_len, device):
-    """Boolean [B, 1, S, P] mask (True = may attend), or None when plain causal attention suffices."""
-    if attention_mask_BP is None and past_len == 0:
-        return None
-    query_pos_S1 = torch.arange(past_len, past_len + S, device=device)[:, None]
-    key_pos_P = torch.arange(past_len + S, device=device)
-    allowed_SP = key_pos_P[None, :] <= query_pos_S1
-    if attention_mask_BP is None:
-        return allowed_SP[None, None].expand(B, 1, S, past_len + S)
-    key_real_BP = attention_mask_BP[:, -(past_len + S):].bool()
+def attention_layout(attention_mask, B: int, S: int, past_len, device) -> AttentionLayout:
+    """What the attention layers need to build their masks. A 4-D mask is the caller's and is used as it is
+    (bool: True = may attend; float: added to the scores)."""
+    query_pos_S = torch.arange(S, device=device) + past_len
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return AttentionLayout(query_pos_S, None, ready_mask=attention_mask)
+    plain = attention_mask is None and isinstance(past_len, int) and past_len == 0
+    return AttentionLayout(query_pos_S, attention_mask, plain_causal=plain)
+
+
+def attention_allowed(key_real_BP, query_pos_S, num_keys: int) -> torch.Tensor:
+    """Boolean [B or 1, 1, S, num_keys] mask, True = may attend: causal over absolute positions (cache slots past
+    the queries, e.g. a static cache's empty ones, are excluded), and padding keys hidden."""
+    key_pos_P = torch.arange(num_keys, device=query_pos_S.device)
+    allowed_SP = key_pos_P[None, :] <= query_pos_S[:, None]
+    if key_real_BP is None:
+        return allowed_SP[None, None]
+    key_real_BP = key_real_BP.bool()
+    seen = key_real_BP.shape[1]
+    if seen < num_keys:  # a static cache holds more slots than tokens so far: the rest are empty
+        key_real_BP = F.pad(key_real_BP, (0, num_keys - seen), value=False)
+    key_real_BP = key_real_BP[:, -num_keys:] if seen > num_keys else key_real_BP
     # A padding query would see no key at all (NaN softmax): let every query see itself.
-    allowed_BSP = allowed_SP[None] & (key_real_BP[:, None, :] | (key_pos_P[None, :] == query_pos_S1)[None])
-    return allowed_BSP[:, None]
+    itself_SP = key_pos_P[None, :] == query_pos_S[:, None]
+    return (allowed_SP[None] & (key_real_BP[:, None, :] | itself_SP[None]))[:, None]
 
 
 def per_layer_load(layer_stats: list[MoELayerStats], num_moe_layers: int) -> tuple[torch.Tensor, ...]:
@@ -295,6 +472,20 @@ def per_layer_load(layer_stats: list[MoELayerStats], num_moe_layers: int) -> tup
         j = i % num_moe_layers
         loads[j] = stats.tokens_per_expert_E if loads[j] is None else loads[j] + stats.tokens_per_expert_E
     return tuple(load for load in loads if load is not None)
+
+
+def micro_batch_share(labels: torch.Tensor | None, loss_kwargs: dict) -> float | torch.Tensor:
+    """The weight of this micro-batch's router aux loss. With `num_items_in_batch` (HF Trainer under gradient
+    accumulation) the LM loss is a sum over this micro-batch divided by the scored tokens of the whole
+    accumulated batch, and the Trainer no longer divides by the accumulation steps: the aux loss gets the same
+    treatment, weighted by this micro-batch's share of the scored tokens, so it is not counted once per step."""
+    total = loss_kwargs.get("num_items_in_batch")
+    if total is None:
+        return 1.0
+    ignore = loss_kwargs.get("ignore_index", -100)
+    shifted = loss_kwargs.get("shift_labels")
+    scored = (shifted != ignore).sum() if shifted is not None else (labels[..., 1:] != ignore).sum()
+    return scored / total
 
 
 class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
@@ -312,44 +503,55 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
-                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                output_router_logits: bool | None = None, prev_token_ids: torch.LongTensor | None = None,
-                next_token_ids: torch.LongTensor | None = None, return_dict: bool | None = None,
-                **kwargs) -> HashMoECausalLMOutput:
-        """`prev_token_ids` / `next_token_ids` ([B, 1]): the ids just before / after `input_ids`, for hash
-        routers when the sequence arrives in pieces (cached generation). `labels` are shifted inside."""
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        staircase = (self.config.recurrence or {}).get("kind") == "staircase"
-        # A staircase decodes token by token once it has a cache: scoring without one runs the whole sequence.
-        if use_cache and past_key_values is None and not self.training and not staircase:
-            past_key_values = DynamicCache()
-        elif not use_cache:
-            past_key_values = None
-        hidden_BSD, layer_stats, past_key_values = self.model(input_ids, attention_mask, position_ids,
-                                                              past_key_values, prev_token_ids, next_token_ids)
-        logits = self.lm_head(hidden_BSD)
-        aux_loss = sum((s.router.aux_loss for s in layer_stats), logits.new_zeros(()))
-        lm_loss = loss = None
-        if labels is not None:
-            lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                      ignore_index=-100)
-            loss = lm_loss + aux_loss
-        return HashMoECausalLMOutput(
-            loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, past_key_values=past_key_values,
-            router_logits=tuple(s.router.router_logits_TE for s in layer_stats) if output_router_logits else None,
-            expert_indices=tuple(s.router.expert_index_TK for s in layer_stats) if output_router_logits else None,
-            expert_load=per_layer_load(layer_stats, len(self.config.moe_layers)),
-            dropped_tokens=sum((s.dropped for s in layer_stats), torch.zeros((), dtype=torch.long)),
-        )
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
-        new_len = model_inputs["input_ids"].shape[1]
-        if input_ids.shape[1] > new_len:  # the cache holds the earlier tokens; hash routers still need their ids
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, output_router_logits: bool | None = None,
+                return_dict: bool | None = None, prev_token_ids: torch.LongTensor | None = None,
+                next_token_ids: torch.LongTensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                cache: Cache | None = None, **kwargs) -> HashMoECausalLMOutput | tuple:
+        """`labels` are shifted inside (or give `shift_labels`); the loss is transformers' causal-LM loss, so
+        `num_items_in_batch` (HF Trainer with gradient accumulation) normalises over the whole accumulated
+        batch. `logits_to_keep`: compute logits for the last N positions only (0 = all)."""
+        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=resolve_cache(cache, past_key_values),
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+                             output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
+                             return_dict=True, prev_token_ids=prev_token_ids, next_token_ids=next_token_ids)
+        hidden_BSD = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_BSD[:, keep])
+        aux_loss, lm_loss, loss = outputs.aux_loss, None, None
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            lm_loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            loss = lm_loss + aux_loss * micro_batch_share(labels, kwargs)
+        output = HashMoECausalLMOutput(
+            loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, router_logits=outputs.router_logits,
+            expert_indices=outputs.expert_indices, expert_load=outputs.expert_load,
+            dropped_tokens=outputs.dropped_tokens, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
+        return output if return_dict else output.to_tuple()
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() builds a 4-D mask for static caches here; this model builds its masks itself (per layer,
+        from the keys the cache returns), so the 2-D padding mask passes through unchanged."""
+        return attention_mask
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        new_ids = model_inputs.get("input_ids")
+        embeds = model_inputs.get("inputs_embeds")
+        if new_ids is None and embeds is not None and input_ids.shape[1] == embeds.shape[1]:
+            model_inputs["input_ids"] = input_ids  # generate(input_ids=..., inputs_embeds=...): hashing needs the ids
+            return model_inputs
+        new_len = new_ids.shape[1] if new_ids is not None else 0
+        if new_ids is not None and input_ids.shape[1] > new_len:
+            # the cache holds the earlier tokens; hash routers still need the id just before the new ones
             model_inputs["prev_token_ids"] = input_ids[:, -new_len - 1:-new_len]
         return model_inputs
 
@@ -361,8 +563,6 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
         return super().generate(*args, **kwargs)
 
     # ---- hashmoe additions -------------------------------------------------------------------------
-    def hash_routers(self) -> list[HashRouter]:
-        return [m for m in self.modules() if isinstance(m, HashRouter)]
 
     @torch.no_grad()
     def fit_hash_tables(self, token_counts: torch.Tensor | None = None,
@@ -399,5 +599,6 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
 
 HashMoEConfig.register_for_auto_class()
 HashMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+HashMoEModel.register_for_auto_class("AutoModel")
 
 __all__ = ["HashMoEConfig", "HashMoEForCausalLM", "HashMoEModel", "HashMoEPreTrainedModel"]

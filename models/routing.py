@@ -53,6 +53,11 @@ class HashRouter(nn.Module):
 
     The table is a persistent buffer, so it is saved with the weights and identical on every process
     (the reference implementation regenerated it from a seed and never saved it).
+
+    Vocabulary growth (`resize_token_embeddings`): every existing id, and the sequence-start key, keeps its
+    expert; a new id v goes to expert `v % num_experts` until the table is refit (`fit_hash_tables`). Bigram
+    hashes take any id as it is; the sequence-start marker is the vocabulary size, so after a resize a
+    sequence's first token may route differently.
     """
 
     FITTED_FUNCTIONS = ("clustered", "dispersed")
@@ -64,11 +69,51 @@ class HashRouter(nn.Module):
         self.num_experts = num_experts
         self.num_heads = num_heads
         self.seed = seed
+        self.vocab_size, self.max_positions = vocab_size, max_positions
         # Built on CPU even under from_pretrained's meta-device context: the table is data, not a weight init.
         with torch.device("cpu"):
             table = self._initial_table(hash_function, num_experts, num_heads, vocab_size, max_positions, seed)
-        self.register_buffer("hash_params" if hash_function == "bigram" else "table", table)
-        self.register_buffer("table_fitted", torch.tensor(hash_function not in self.FITTED_FUNCTIONS, device="cpu"))
+        self.register_buffer(self.table_name, table)
+        # 0/1 in uint8 rather than bool: transformers' common save/load test cannot compare bool tensors.
+        self.register_buffer("table_fitted", torch.tensor(int(hash_function not in self.FITTED_FUNCTIONS),
+                                                          dtype=torch.uint8, device="cpu"))
+        self._fitted_checked = False  # table_fitted read once, not at every forward (a device sync)
+
+    @property
+    def table_name(self) -> str:
+        return "hash_params" if self.hash_function == "bigram" else "table"
+
+    def reset_table(self) -> None:
+        """Rebuild the table the config implies (seeded, or uniform counts for balanced; unfitted for
+        clustered/dispersed). Called by `_init_weights`, e.g. after a meta-device construction."""
+        with torch.device("cpu"):
+            table = self._initial_table(self.hash_function, self.num_experts, self.num_heads, self.vocab_size,
+                                        self.max_positions, self.seed)
+        buffer = getattr(self, self.table_name)
+        if buffer.shape != table.shape:  # a resized vocabulary: take the new shape
+            setattr(self, self.table_name, table.to(buffer.device))
+        else:
+            buffer.copy_(table)
+        self.table_fitted.fill_(int(self.hash_function not in self.FITTED_FUNCTIONS))
+        self._fitted_checked = False
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Follow `resize_token_embeddings`: the rule is in the class docstring."""
+        old_vocab, self.vocab_size = self.vocab_size, vocab_size
+        if self.hash_function in ("bigram", "position") or vocab_size == old_vocab:
+            return
+        table_HK = self.table
+        has_start_key = table_HK.shape[1] == old_vocab + 1  # prev_token / oracle_future: key V = "none"
+        kept = min(old_vocab, vocab_size)
+        new_ids = torch.arange(kept, vocab_size, device=table_HK.device)
+        columns = [table_HK[:, :kept], (new_ids % self.num_experts).expand(table_HK.shape[0], -1)]
+        if has_start_key:
+            columns.append(table_HK[:, old_vocab:])
+        self.table = torch.cat(columns, dim=1).contiguous()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fitted_checked = False
 
     @classmethod
     def _initial_table(cls, hash_function, num_experts, num_heads, vocab_size, max_positions, seed):
@@ -100,10 +145,13 @@ class HashRouter(nn.Module):
             raise ValueError(f"fit data covers {table_V.shape[0]} tokens but the table has "
                              f"{self.table.shape[1]} (vocab_size)")
         self.table.copy_(table_V[None].to(self.table.device))
-        self.table_fitted.fill_(True)
+        self.table_fitted.fill_(1)
+        self._fitted_checked = False
 
     def forward(self, x_TD: torch.Tensor, routing: RoutingInputs) -> RouterOutput:
-        if not bool(self.table_fitted):
+        if not self._fitted_checked and not torch.compiler.is_compiling():
+            self._fitted_checked = bool(self.table_fitted)
+        if not self._fitted_checked and not torch.compiler.is_compiling():
             raise RuntimeError(f"hash_function={self.hash_function!r} needs its table built from a trained "
                                "model's embeddings first: call model.fit_hash_tables(embeddings=...).")
         if self.hash_function == "bigram":

@@ -37,9 +37,41 @@ class StaircaseCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    # Beam search and batch expansion act on every sequence's state: the per-step caches and the memory.
+    def _apply_to_memory(self, tensor_fn) -> None:
+        self.finished = {chunk: [(tensor_fn(k), tensor_fn(v)) for k, v in layers]
+                         for chunk, layers in self.finished.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for step_cache, _ in self.step_caches.values():
+            step_cache.reorder_cache(beam_idx)
+        self._apply_to_memory(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for step_cache, _ in self.step_caches.values():
+            step_cache.batch_repeat_interleave(repeats)
+        self._apply_to_memory(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for step_cache, _ in self.step_caches.values():
+            step_cache.batch_select_indices(indices)
+        self._apply_to_memory(lambda t: t[indices, ...])
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.seen_tokens + max_length
+        if max_length >= self.seen_tokens:
+            return
+        raise NotImplementedError(
+            "a StaircaseCache cannot drop decoded tokens: each token's passes are already folded into the caches "
+            "of later steps. Assisted decoding and other cache cropping need a model without staircase recurrence.")
+
 
 class Staircase:
-    def __init__(self, recurrence: dict, blocks):
+    def __init__(self, recurrence: dict, blocks, attention_layout):
+        """`attention_layout(mask, B, W, past_len, device)`: the model's attention-mask description (passed in
+        so this module does not import the model file that imports it)."""
+        self.attention_layout = attention_layout
         self.chunk = recurrence["chunk"]
         self.passes = recurrence["window"] // self.chunk  # K
         self.memory_chunks = recurrence.get("memory", 0) // self.chunk  # M / F
@@ -85,12 +117,10 @@ class Staircase:
 
     # ---- internals -------------------------------------------------------------------------------------
     def _run_stack(self, x_BWD, cache, past_len, routing, layer_stats):
-        from .modeling_hashmoe import attention_allowed
-
         B, W, _ = x_BWD.shape
-        allowed = attention_allowed(None, B, W, past_len, x_BWD.device)
+        layout = self.attention_layout(None, B, W, past_len, x_BWD.device)
         for index, block in enumerate(self.blocks):
-            x_BWD, stats = block(x_BWD, allowed, cache, index, routing)
+            x_BWD, _, stats = block(x_BWD, layout=layout, routing=routing, past_key_values=cache, cache_index=index)
             if stats is not None:
                 layer_stats.append(stats)
         return x_BWD

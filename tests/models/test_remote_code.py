@@ -56,6 +56,7 @@ def test_trust_remote_code_load_in_clean_process(tmp_path, extra):
     assert result.returncode == 0, result.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out["module"].startswith("transformers_modules.")
-    torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=0)
+    # The same code in another interpreter: equal up to kernel rounding (seen: 3e-8 with transformers 5.24).
+    torch.testing.assert_close(out["logits"], model(ids).logits, rtol=1e-5, atol=1e-6)
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(out["generated"], expected)

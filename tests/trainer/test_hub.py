@@ -322,3 +322,18 @@ def test_offline_mode_is_refused(in_process, monkeypatch, capsys, tmp_path):
     assert cli.main(["push", str(tmp_path), "--repo-id", "alice/x"]) == 2
     assert "hashmoe: error: HF_HUB_OFFLINE: " in capsys.readouterr().err
     assert os.environ.get("HF_TOKEN") == TOKEN  # the refusal is not about the token
+
+
+def test_pipeline_text_generation_on_the_exported_run_folder(pushed):
+    """transformers' own `pipeline` on the folder `hashmoe push` exported: same text as greedy generate()."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    folder = str(pushed[0] / "hf")
+    generator = pipeline("text-generation", model=folder, trust_remote_code=True)
+    text = generator("the king of", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    prompt = tokenizer("the king of", return_tensors="pt")
+    expected = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert text == tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert len(text) > len("the king of")

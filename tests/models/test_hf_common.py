@@ -1,0 +1,123 @@
+"""transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`, from the installed release's sdist)
+and hashmoe's generation tests in HF's style, for every routing and recurrence variant.
+
+Every skip names why the test cannot apply to that architecture.
+"""
+
+from __future__ import annotations
+
+import unittest
+
+import pytest
+import torch
+from transformers.models.auto import modeling_auto
+
+from models import HashMoEConfig, HashMoEForCausalLM, HashMoEModel
+from tests.models.hf_suite import load_upstream
+
+modeling_common, configuration_common = load_upstream()
+ModelTesterMixin, ids_tensor = modeling_common.ModelTesterMixin, modeling_common.ids_tensor
+from hf_upstream.generation.test_utils import GenerationTesterMixin  # noqa: E402  (the package exists now)
+
+pytestmark = pytest.mark.conformance
+
+# transformers' suite tells a base model from a causal LM (which gets labels, which is trained) by these name
+# tables, where every in-library model is listed; hashmoe's classes join them for this test session.
+modeling_auto.MODEL_MAPPING_NAMES.setdefault("hashmoe", "HashMoEModel")
+modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("hashmoe", "HashMoEForCausalLM")
+
+
+class HashMoEModelTester:
+    def __init__(self, parent, padding: bool = True, **overrides):
+        self.parent = parent
+        self.batch_size, self.seq_length, self.is_training = 2, 8, True
+        self.vocab_size, self.hidden_size, self.num_attention_heads = 99, 32, 4
+        self.num_blocks = overrides.pop("num_hidden_layers", 2)
+        self.padding = padding
+        self.overrides = overrides
+        # What the suite counts as layers (attention maps and hidden states returned): block applications. A
+        # ladder applies the stack once per step.
+        self.num_hidden_layers = self.num_blocks * self.get_config().ladder_steps
+
+    def get_config(self) -> HashMoEConfig:
+        values = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=64,
+                      num_hidden_layers=self.num_blocks, num_attention_heads=self.num_attention_heads,
+                      max_position_embeddings=64, moe_layers=[1], num_experts=4, pad_token_id=0)
+        values.update(self.overrides)
+        return HashMoEConfig(**values)
+
+    def prepare_config_and_inputs_for_common(self):
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
+        attention_mask = torch.ones_like(input_ids)
+        if self.padding:  # left padding on the second sequence
+            attention_mask[1, :3] = 0
+        return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+NEEDS_IDS = ("a hash router chooses experts by token id, so embeddings alone are refused with a ValueError "
+             "(checked in test_generate_from_inputs_embeds, with ids and embeddings together)")
+NOT_TRACEABLE = ("NOT DONE (issue 12, item 8): the MoE dispatch sizes each expert's slice from the token counts "
+                 "(data-dependent shapes); torch._grouped_mm would avoid that, but in torch 2.13 its meta kernel "
+                 "accepts only bf16, so an fp32 CPU graph cannot be traced yet")
+HASH_SKIPS = {"test_inputs_embeds": NEEDS_IDS, "test_inputs_embeds_matches_input_ids": NEEDS_IDS,
+              "test_torch_export": NOT_TRACEABLE}
+
+
+class HashMoECommonTests(ModelTesterMixin, GenerationTesterMixin):
+    all_model_classes = (HashMoEModel, HashMoEForCausalLM)
+    config_overrides: dict = {}
+    padding = True
+    test_all_params_have_gradient = False  # an expert no token reached in a tiny batch has no gradient
+    skips: dict = {}
+
+    def setUp(self):
+        self.model_tester = HashMoEModelTester(self, padding=self.padding, **self.config_overrides)
+        self.config_tester = configuration_common.ConfigTester(self, config_class=HashMoEConfig, hidden_size=32,
+                                                               **self.config_overrides)
+        name = self._testMethodName
+        if name in self.skips:
+            self.skipTest(self.skips[name])
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+
+def variant(name: str, bases=(), **attributes):
+    return type(f"Test{name}", (HashMoECommonTests, unittest.TestCase), attributes)
+
+
+TestDense = variant("Dense", config_overrides=dict(moe_layers=[]))
+TestHashBalanced = variant("HashBalanced", skips=HASH_SKIPS,
+                           config_overrides=dict(router="hash", hash_function="balanced"))
+TestHashBigram = variant("HashBigram", skips=HASH_SKIPS, config_overrides=dict(router="hash", hash_function="bigram"))
+TestHashMulti = variant("HashMulti", skips=HASH_SKIPS,
+                        config_overrides=dict(router="hash", hash_function="random", hash_heads=4))
+TestSwitch = variant("Switch", skips={"test_torch_export": NOT_TRACEABLE}, config_overrides=dict(router="switch"))
+TestBase = variant("Base", skips={"test_torch_export": NOT_TRACEABLE}, config_overrides=dict(router="base"))
+TestTopk = variant("Topk", skips={"test_torch_export": NOT_TRACEABLE}, config_overrides=dict(router="topk"))
+TestLadder = variant("Ladder", skips=HASH_SKIPS, config_overrides=dict(
+    router="hash", hash_function="random", num_hidden_layers=1, moe_layers=[0],
+    recurrence={"kind": "ladder", "steps": 2}))
+STAIRCASE_PADDING = ("a staircase reads each sequence chunk by chunk from its first token: padded batches are refused "
+                     "with a ValueError (tests/models/test_staircase.py)")
+STAIRCASE_LAYERS = ("each staircase step runs the stack over a different window of chunks, so there is no single "
+                    "[B, S, D] state or attention map per layer: output_hidden_states gives the embeddings and the "
+                    "final output, output_attentions nothing")
+STAIRCASE_SKIPS = {**HASH_SKIPS, **{name: STAIRCASE_PADDING for name in modeling_common.ModelTesterMixin.__dict__
+                                    if name.startswith("test_eager_matches_sdpa_inference")},
+                   "test_left_padding_equals_each_sequence_alone": STAIRCASE_PADDING,
+                   "test_attention_outputs": STAIRCASE_LAYERS, "test_hidden_states_output": STAIRCASE_LAYERS,
+                   "test_retain_grad_hidden_states_attentions": STAIRCASE_LAYERS,
+                   "test_assisted_decoding_equals_greedy": "assisted decoding crops rejected tokens from the cache; "
+                   "a StaircaseCache cannot (each token's passes are folded into later steps) and says so",
+                   **{name: "NOT DONE: gradient checkpointing of a staircase recomputes a different window; "
+                      "gradient_checkpointing_enable() refuses staircase models with a ValueError"
+                      for name in ("test_training_gradient_checkpointing",
+                                   "test_enable_input_require_grads_with_gradient_checkpointing",
+                                   "test_gradient_checkpointing_backward_compatibility",
+                                   "test_gradient_checkpointing_enable_disable",
+                                   "test_peft_gradient_checkpointing_enable_disable",
+                                   "test_training_gradient_checkpointing_use_reentrant_false",
+                                   "test_training_gradient_checkpointing_use_reentrant_true")}}
+TestStaircase = variant("Staircase", padding=False, skips=STAIRCASE_SKIPS, config_overrides=dict(
+    router="hash", hash_function="random", recurrence={"kind": "staircase", "chunk": 2, "window": 4}))
