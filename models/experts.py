@@ -12,6 +12,7 @@ arrive from other ranks (trainer/parallel.py).
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ class ExpertBank(nn.Module):
         self.num_experts = num_experts
         self.num_segments = num_segments
         self.segment_size = expert_size // num_segments
+        self.activation = activation
         self.act = ACTIVATIONS[activation]
         self.w1 = nn.Parameter(torch.empty(num_experts, expert_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
@@ -61,71 +63,112 @@ class ExpertBank(nn.Module):
         hidden = [slice(m * size, (m + 1) * size) for m in range(self.num_segments)]
         return [w1[h] for w1 in w1_E for h in hidden], [w2[:, h] for w2 in w2_E for h in hidden]
 
-    def forward(self, x_AD: torch.Tensor, tokens_per_slot: list[int]) -> torch.Tensor:
-        """Rows of `x_AD` are grouped by slot, `tokens_per_slot[g]` rows for slot g, in slot order. Called
-        through the module (not a method of it), so hooks on the bank (accelerate's offload) see the weights."""
-        return GroupedExpertFFN.apply(x_AD, self.w1, self.w2, tokens_per_slot, self.num_segments, self.act)
+    def forward(self, x_AD: torch.Tensor, tokens_per_slot_G: torch.Tensor) -> torch.Tensor:
+        """Rows of `x_AD` are grouped by slot, `tokens_per_slot_G[g]` rows for slot g, in slot order; rows past
+        the last slot's (dropped routes, sorted last) give 0. Called through the module (not a method of it), so
+        hooks on the bank (accelerate's offload) see the weights."""
+        return expert_ffn(x_AD, self.w1, self.w2, tokens_per_slot_G, self.num_segments, self.activation)[0]
 
+
+# Op names are per module: an exported model folder's copy of this file (loaded with trust_remote_code, as
+# transformers_modules.<hash>.experts) can live in the same process as hashmoe's own, and op names are global.
+_OP_PREFIX = re.sub(r"\W", "_", __name__) + "_"
 
 ACTIVATION_GRADS = {
-    F.gelu: lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre),
-    F.relu: lambda grad, pre: grad * (pre > 0),
-    F.silu: lambda grad, pre: torch.ops.aten.silu_backward(grad, pre),
+    "gelu": lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre),
+    "relu": lambda grad, pre: grad * (pre > 0),
+    "silu": lambda grad, pre: torch.ops.aten.silu_backward(grad, pre),
 }
 
 
-class GroupedExpertFFN(torch.autograd.Function):
-    """act(x @ w1_g.T) @ w2_g.T for each slot's contiguous slice of rows, with hand-written backward.
+# act(x @ w1_g.T) @ w2_g.T for each slot's contiguous slice of rows, as a custom op with a hand-written backward.
+#
+# Why a custom op: the slice sizes are data (tokens per slot). Inside the op they are read as Python ints; to
+# torch.compile and torch.export the op is one node whose output has the input's shape, so a model graph with MoE
+# layers has no data-dependent shapes and compiles with fullgraph=True.
+#
+# Why a hand-written backward rather than autograd over per-slot views of the bank: the views' backward (unbind or
+# index) builds the [E, out, in] weight gradient by stacking E separate gradients (or adding E bank-sized zero
+# tensors), a full extra pass over the bank's memory each step: 29% of the fwd+bwd time at E=64, d 512/2048, 2048
+# tokens (BENCHMARKS.md, 2026-11-23). Here each matmul writes straight into its slice of one preallocated output,
+# pre-activation, input-gradient and weight-gradient buffer, and the activation runs once over all rows.
+@torch.library.custom_op(f"hashmoe::{_OP_PREFIX}expert_ffn", mutates_args=())
+def expert_ffn(x_AD: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, tokens_per_slot_G: torch.Tensor,
+               num_segments: int, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_AD, pre-activation, activation) of every row; the last two are kept for the backward."""
+    rows_G = _slot_rows(tokens_per_slot_G.tolist()[:w1.shape[0] * num_segments])
+    size = w1.shape[1] // num_segments
+    pre_AS = x_AD.new_zeros(x_AD.shape[0], size)  # S = hidden width of one slot; dropped rows stay 0
+    for slot, rows in rows_G:
+        expert, segment = divmod(slot, num_segments)
+        torch.mm(x_AD[rows], w1[expert, segment * size:(segment + 1) * size].t(), out=pre_AS[rows])
+    h_AS = ACTIVATIONS[activation](pre_AS)  # act(0) = 0 for every activation offered
+    y_AD = torch.zeros_like(x_AD) if _has_dropped(rows_G, x_AD) else torch.empty_like(x_AD)
+    for slot, rows in rows_G:
+        expert, segment = divmod(slot, num_segments)
+        torch.mm(h_AS[rows], w2[expert, :, segment * size:(segment + 1) * size].t(), out=y_AD[rows])
+    return y_AD, pre_AS, h_AS
 
-    Why not plain autograd over per-slot views of the bank: the views' backward (unbind or index) builds
-    the [E, out, in] weight gradient by stacking E separate gradients (or adding E bank-sized zero tensors),
-    a full extra pass over the bank's memory each step: 29% of the fwd+bwd time at E=64, d 512/2048, 2048
-    tokens (BENCHMARKS.md, 2026-11-23). Here each matmul writes straight into its slice of one preallocated
-    output, pre-activation, input-gradient and weight-gradient buffer, so nothing is concatenated or
-    stacked, and the activation runs once over all rows instead of once per slot.
-    """
 
-    @staticmethod
-    def forward(ctx, x_AD, w1, w2, tokens_per_slot, num_segments, act):
-        rows_G = _slot_rows(tokens_per_slot)
-        size = w1.shape[1] // num_segments
-        pre_AS = x_AD.new_empty(x_AD.shape[0], size)  # S = hidden width of one slot
-        for slot, rows in rows_G:
-            expert, segment = divmod(slot, num_segments)
-            torch.mm(x_AD[rows], w1[expert, segment * size:(segment + 1) * size].t(), out=pre_AS[rows])
-        h_AS = act(pre_AS)
-        y_AD = torch.empty_like(x_AD)  # the slots' rows cover all A rows
-        for slot, rows in rows_G:
-            expert, segment = divmod(slot, num_segments)
-            torch.mm(h_AS[rows], w2[expert, :, segment * size:(segment + 1) * size].t(), out=y_AD[rows])
-        ctx.save_for_backward(x_AD, w1, w2, pre_AS, h_AS)
-        ctx.rows_G, ctx.num_segments, ctx.act = rows_G, num_segments, act
-        return y_AD
+@expert_ffn.register_fake
+def _(x_AD, w1, w2, tokens_per_slot_G, num_segments, activation):
+    size = w1.shape[1] // num_segments
+    return x_AD.new_empty(x_AD.shape), x_AD.new_empty(x_AD.shape[0], size), x_AD.new_empty(x_AD.shape[0], size)
 
-    @staticmethod
-    def backward(ctx, grad_y_AD):
-        x_AD, w1, w2, pre_AS, h_AS = ctx.saved_tensors
-        rows_G, num_segments = ctx.rows_G, ctx.num_segments
-        size = pre_AS.shape[1]
-        grad_y_AD = grad_y_AD.contiguous()
-        # Slots that got no rows have zero weight gradient; fill only when some slot is empty.
-        every_slot_used = len(rows_G) == w1.shape[0] * num_segments
-        new_grad = torch.empty_like if every_slot_used else torch.zeros_like
-        grad_w1, grad_w2 = new_grad(w1), new_grad(w2)
-        grad_h_AS = torch.empty_like(h_AS)
-        for slot, rows in rows_G:
-            expert, segment = divmod(slot, num_segments)
-            hidden = slice(segment * size, (segment + 1) * size)
-            torch.mm(grad_y_AD[rows], w2[expert, :, hidden], out=grad_h_AS[rows])
-            _mm_into(grad_w2[expert, :, hidden], grad_y_AD[rows].t(), h_AS[rows])
-        grad_pre_AS = ACTIVATION_GRADS[ctx.act](grad_h_AS, pre_AS)
-        grad_x_AD = torch.empty_like(x_AD)
-        for slot, rows in rows_G:
-            expert, segment = divmod(slot, num_segments)
-            hidden = slice(segment * size, (segment + 1) * size)
-            torch.mm(grad_pre_AS[rows], w1[expert, hidden], out=grad_x_AD[rows])
-            _mm_into(grad_w1[expert, hidden], grad_pre_AS[rows].t(), x_AD[rows])
-        return grad_x_AD, grad_w1, grad_w2, None, None, None
+
+@torch.library.custom_op(f"hashmoe::{_OP_PREFIX}expert_ffn_backward", mutates_args=())
+def expert_ffn_backward(grad_y_AD: torch.Tensor, x_AD: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                        pre_AS: torch.Tensor, h_AS: torch.Tensor, tokens_per_slot_G: torch.Tensor, num_segments: int,
+                        activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows_G = _slot_rows(tokens_per_slot_G.tolist()[:w1.shape[0] * num_segments])
+    size = pre_AS.shape[1]
+    grad_y_AD = grad_y_AD.contiguous()
+    # Slots that got no rows have zero weight gradient; fill only when some slot is empty.
+    every_slot_used = len(rows_G) == w1.shape[0] * num_segments
+    new_grad = torch.empty_like if every_slot_used else torch.zeros_like
+    grad_w1, grad_w2 = new_grad(w1), new_grad(w2)
+    dropped = _has_dropped(rows_G, x_AD)
+    grad_h_AS = torch.zeros_like(h_AS) if dropped else torch.empty_like(h_AS)
+    for slot, rows in rows_G:
+        expert, segment = divmod(slot, num_segments)
+        hidden = slice(segment * size, (segment + 1) * size)
+        torch.mm(grad_y_AD[rows], w2[expert, :, hidden], out=grad_h_AS[rows])
+        _mm_into(grad_w2[expert, :, hidden], grad_y_AD[rows].t(), h_AS[rows])
+    grad_pre_AS = ACTIVATION_GRADS[activation](grad_h_AS, pre_AS)
+    grad_x_AD = torch.zeros_like(x_AD) if dropped else torch.empty_like(x_AD)
+    for slot, rows in rows_G:
+        expert, segment = divmod(slot, num_segments)
+        hidden = slice(segment * size, (segment + 1) * size)
+        torch.mm(grad_pre_AS[rows], w1[expert, hidden], out=grad_x_AD[rows])
+        _mm_into(grad_w1[expert, hidden], grad_pre_AS[rows].t(), x_AD[rows])
+    return grad_x_AD, grad_w1, grad_w2
+
+
+@expert_ffn_backward.register_fake
+def _(grad_y_AD, x_AD, w1, w2, pre_AS, h_AS, tokens_per_slot_G, num_segments, activation):
+    return torch.empty_like(x_AD), torch.empty_like(w1), torch.empty_like(w2)
+
+
+def _expert_ffn_setup_context(ctx, inputs, output):
+    x_AD, w1, w2, tokens_per_slot_G, num_segments, activation = inputs
+    _, pre_AS, h_AS = output
+    ctx.save_for_backward(x_AD, w1, w2, pre_AS, h_AS, tokens_per_slot_G)
+    ctx.num_segments, ctx.activation = num_segments, activation
+
+
+def _expert_ffn_backward(ctx, grad_y_AD, grad_pre, grad_h):
+    x_AD, w1, w2, pre_AS, h_AS, tokens_per_slot_G = ctx.saved_tensors
+    grads = expert_ffn_backward(grad_y_AD, x_AD, w1, w2, pre_AS, h_AS, tokens_per_slot_G, ctx.num_segments,
+                                ctx.activation)
+    return (*grads, None, None, None)
+
+
+expert_ffn.register_autograd(_expert_ffn_backward, setup_context=_expert_ffn_setup_context)
+
+
+def _has_dropped(rows_G: list[tuple[int, slice]], x_AD: torch.Tensor) -> bool:
+    """Whether rows past the last used slot exist (dropped routes, sorted last)."""
+    return (rows_G[-1][1].stop if rows_G else 0) < x_AD.shape[0]
 
 
 def _slot_rows(tokens_per_slot: list[int]) -> list[tuple[int, slice]]:
@@ -153,26 +196,32 @@ def assignment_slots(expert_index_TK: torch.Tensor, num_segments: int) -> torch.
     return torch.where(expert_index_TK >= 0, expert_index_TK * num_segments + segment_TK, -1)
 
 
-def sort_by_slot(slot_TK: torch.Tensor, num_slots: int):
-    """Order the kept (token, k) assignments by slot (stable, so token order is kept within a slot).
+def sort_routes(slot_TK: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (token, k) route ordered by slot, dropped routes (-1) last; stable, so token order is kept within a
+    slot. Returns (order_A, routes_per_slot_G1): order_A[i] is the flat [T*K] index of the i-th sorted route,
+    routes_per_slot_G1[G] the dropped ones. Shapes depend on T*K only, never on the routing: traceable."""
+    flat = slot_TK.reshape(-1)
+    slot = torch.where(flat >= 0, flat, num_slots)
+    order_A = torch.argsort(slot, stable=True)
+    routes_per_slot_G1 = torch.zeros(num_slots + 1, dtype=torch.long, device=flat.device)
+    return order_A, routes_per_slot_G1.scatter_add_(0, slot, torch.ones_like(slot))
 
-    Returns (token_A, order_A, tokens_per_slot_G): token_A[i] is the token of the i-th sorted assignment,
-    order_A its flat index into [T*K] (to pick its weight).
-    """
-    flat_slot = slot_TK.reshape(-1)
-    kept = (flat_slot >= 0).nonzero().squeeze(1)
-    order_A = kept[torch.argsort(flat_slot[kept], stable=True)]
-    token_A = order_A // slot_TK.shape[1]
-    tokens_per_slot_G = torch.bincount(flat_slot[kept], minlength=num_slots)
-    return token_A, order_A, tokens_per_slot_G
+
+def sort_by_slot(slot_TK: torch.Tensor, num_slots: int):
+    """`sort_routes` without the dropped routes (for the exchange of the expert-parallel path, which sends kept
+    rows only). Returns (token_A, order_A, tokens_per_slot_G); token_A[i] is the token of the i-th kept route."""
+    order_A, routes_per_slot_G1 = sort_routes(slot_TK, num_slots)
+    kept = order_A.shape[0] - int(routes_per_slot_G1[-1])
+    order_A = order_A[:kept]
+    return order_A // slot_TK.shape[1], order_A, routes_per_slot_G1[:num_slots]
 
 
 def dispatch_local(x_TD: torch.Tensor, expert_index_TK: torch.Tensor, expert_weight_TK: torch.Tensor,
                    bank: ExpertBank) -> torch.Tensor:
-    """y_t = sum_k weight[t, k] * expert_{index[t, k]}(x_t), all experts local; dropped tokens give 0."""
+    """y_t = sum_k weight[t, k] * expert_{index[t, k]}(x_t), all experts local; dropped routes give 0."""
     slot_TK = assignment_slots(expert_index_TK, bank.num_segments)
-    token_A, order_A, tokens_per_slot_G = sort_by_slot(slot_TK, bank.num_slots)
-    y_AD = bank(gather_routes(x_TD, order_A, slot_TK.shape[1]), tokens_per_slot_G.tolist())
+    order_A, routes_per_slot_G1 = sort_routes(slot_TK, bank.num_slots)
+    y_AD = bank(gather_routes(x_TD, order_A, slot_TK.shape[1]), routes_per_slot_G1)
     y_AD = y_AD * expert_weight_TK.reshape(-1)[order_A].unsqueeze(1).to(y_AD.dtype)
     return combine_routes(y_AD, order_A, *slot_TK.shape)
 

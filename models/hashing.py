@@ -248,7 +248,8 @@ def bigram_hash(
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
         # Range check only on CPU: on an accelerator it would force a host sync in every forward pass.
-        if ids.device.type == "cpu" and ids.numel():
+        # Skipped under torch.compile / torch.export, where the ids are symbolic.
+        if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
             if int(ids.min()) < 0 or int(ids.max()) >= UNIVERSAL_HASH_PRIME:
                 raise ValueError(f"{name} must lie in [0, {UNIVERSAL_HASH_PRIME})")
     params = params_3.to(device=cur_ids.device, dtype=torch.int64)

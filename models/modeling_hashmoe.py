@@ -29,7 +29,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hashmoe import HashMoEConfig
 from .experts import ACTIVATIONS, ExpertBank, dispatch_local, expert_init_std
-from .routing import BaseRouter, HashRouter, RouterOutput, RoutingInputs, SoftmaxRouter, build_router
+from .routing import (
+    BaseRouter,
+    HashRouter,
+    RouterOutput,
+    RoutingInputs,
+    SoftmaxRouter,
+    build_router,
+    count_per_expert,
+)
 from .staircase import Staircase, StaircaseCache
 from .structured import MonarchLinear
 
@@ -210,9 +218,8 @@ class HashMoESparseMLP(nn.Module):
 
 
 def moe_layer_stats(routed: RouterOutput, num_experts: int) -> MoELayerStats:
-    index = routed.expert_index_TK.reshape(-1)
-    kept = index[index >= 0]
-    return MoELayerStats(routed, torch.bincount(kept, minlength=num_experts), (index < 0).sum())
+    index = routed.expert_index_TK
+    return MoELayerStats(routed, count_per_expert(index, num_experts), (index < 0).sum())
 
 
 class HashMoEBlock(GradientCheckpointingLayer):
@@ -322,7 +329,7 @@ class HashMoEModel(HashMoEPreTrainedModel):
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
-        return_dict = config.use_return_dict if return_dict is None else return_dict
+        return_dict = config.return_dict if return_dict is None else return_dict
         use_cache = config.use_cache if use_cache is None else use_cache
         past_key_values = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None) and not (config.is_moe and config.router == "hash"):
@@ -517,7 +524,7 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
         """`labels` are shifted inside (or give `shift_labels`); the loss is transformers' causal-LM loss, so
         `num_items_in_batch` (HF Trainer with gradient accumulation) normalises over the whole accumulated
         batch. `logits_to_keep`: compute logits for the last N positions only (0 = all)."""
-        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=resolve_cache(cache, past_key_values),
                              inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,

@@ -165,11 +165,19 @@ class HashRouter(nn.Module):
         return RouterOutput(index_TH.contiguous(), weight_TH, x_TD.new_zeros(()))
 
 
+def count_per_expert(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] number of entries equal to each expert; -1 (dropped) counts nowhere. A scatter-add into E zeros, not
+    bincount, whose output size depends on the data (a graph break under torch.compile)."""
+    flat = expert_index.reshape(-1)
+    kept = (flat >= 0).long()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat.clamp(min=0), kept)
+
+
 def load_balancing_loss(probs_TE: torch.Tensor, expert_index_TK: torch.Tensor) -> torch.Tensor:
     """Switch eq. 4 without alpha: E * sum_i f_i * P_i, f_i = share of the T*K choices sent to expert i
     (before capacity), P_i = mean router probability of expert i."""
     num_experts = probs_TE.shape[1]
-    fraction_E = torch.bincount(expert_index_TK.reshape(-1), minlength=num_experts).float()
+    fraction_E = count_per_expert(expert_index_TK, num_experts).float()
     fraction_E = fraction_E / expert_index_TK.numel()
     return num_experts * (fraction_E * probs_TE.mean(0)).sum()
 
@@ -187,7 +195,7 @@ def drop_over_capacity(expert_index_TK: torch.Tensor, capacity: int, num_experts
     num_tokens, k = expert_index_TK.shape
     flat = expert_index_TK.t().reshape(-1)  # priority order
     order = torch.argsort(flat, stable=True)
-    per_expert = torch.bincount(flat, minlength=num_experts)
+    per_expert = count_per_expert(flat, num_experts)
     first_of_expert = torch.cumsum(per_expert, 0) - per_expert
     rank = torch.empty_like(flat)
     rank[order] = torch.arange(flat.numel(), device=flat.device) - first_of_expert[flat[order]]

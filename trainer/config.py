@@ -2,7 +2,8 @@
 here, naming the key, before any process group starts.
 
     run:        name, output_dir, seed
-    model:      any HashMoEConfig field (models/configuration_hashmoe.py documents them)
+    model:      any HashMoEConfig field (models/configuration_hashmoe.py documents them), and
+                gradient_checkpointing (bool): recompute each block's activations in the backward pass
     data:       trainer.data.DataConfig
     optim:      optimizer, schedule, batch
     parallel:   ep_size, ds_config
@@ -32,6 +33,15 @@ TRAINER_SET_MODEL_FIELDS = {"vocab_size": "Set data.vocab_size instead.",
                             "pad_token_id": "Remove it: the tokenizer's EOS token is used.",
                             "bos_token_id": "Remove it: the tokenizer's EOS token is used.",
                             "eos_token_id": "Remove it: the tokenizer's EOS token is used."}
+
+
+# Keys of the model section that say how to train the model, not what it is: not HashMoEConfig fields.
+TRAINER_MODEL_KEYS = {"gradient_checkpointing": bool}
+
+
+def model_config_fields(model_section: dict) -> dict:
+    """The model section without the trainer's own keys: what HashMoEConfig takes."""
+    return {k: v for k, v in model_section.items() if k not in TRAINER_MODEL_KEYS}
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -197,7 +207,11 @@ def validate(config: RunConfig) -> None:
     from models import HashMoEConfig
 
     model_fields = {f.name for f in dataclasses.fields(HashMoEConfig)}
-    for key in config.model:
+    for key, kind in TRAINER_MODEL_KEYS.items():
+        if key in config.model and not isinstance(config.model[key], kind):
+            raise UserError(f"model.{key}", f"expected {kind.__name__}, got {config.model[key]!r}",
+                            f"Give a {kind.__name__} value.")
+    for key in model_config_fields(config.model):
         if key not in model_fields:
             raise UserError(f"model.{key}", "unknown model field",
                             "See HashMoEConfig in models/configuration_hashmoe.py for the fields.")
@@ -205,7 +219,7 @@ def validate(config: RunConfig) -> None:
         if key in config.model:
             raise UserError(f"model.{key}", "is set from the tokenizer", fix)
     try:
-        model_config = HashMoEConfig(**config.model, vocab_size=config.data.vocab_size)
+        model_config = HashMoEConfig(**model_config_fields(config.model), vocab_size=config.data.vocab_size)
     except (ValueError, TypeError) as err:
         message = str(err)
         if message.startswith("HashMoEConfig."):  # "HashMoEConfig.FIELD: PROBLEM. FIX"
@@ -214,6 +228,9 @@ def validate(config: RunConfig) -> None:
             raise UserError(f"model.{field_name}", problem if sep else rest.rstrip("."),
                             fix if sep else "Fix the model section.") from None
         raise UserError("model", message, "Fix the model section.") from None
+    if config.model.get("gradient_checkpointing") and (model_config.recurrence or {}).get("kind") == "staircase":
+        raise UserError("model.gradient_checkpointing", "is not supported for staircase recurrence yet",
+                        "Set model.gradient_checkpointing: false for this model.")
     _validate_data(config.data)
     if config.data.seq_len > model_config.max_position_embeddings:
         raise UserError("data.seq_len", f"{config.data.seq_len} exceeds model.max_position_embeddings="

@@ -23,8 +23,9 @@ NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
 
 def build_model_config(config: RunConfig, data: PreparedData):
     from models import HashMoEConfig
+    from trainer.config import model_config_fields
 
-    return HashMoEConfig(**config.model, vocab_size=data.vocab_size, eos_token_id=data.eos_token_id,
+    return HashMoEConfig(**model_config_fields(config.model), vocab_size=data.vocab_size, eos_token_id=data.eos_token_id,
                          bos_token_id=data.eos_token_id, pad_token_id=data.eos_token_id)
 
 
@@ -36,6 +37,10 @@ def build_model(config: RunConfig, data: PreparedData):
     model = HashMoEForCausalLM(build_model_config(config, data))
     if model.config.is_moe and model.config.router == "hash" and model.config.hash_function == "balanced":
         model.fit_hash_tables(token_counts=data.train_token_counts)
+    if config.model.get("gradient_checkpointing"):
+        # Before parallelize(): the expert-parallel MoE replaces each block's FFN, and the block (a
+        # GradientCheckpointingLayer) is what is recomputed, all-to-alls included, on every rank alike.
+        model.gradient_checkpointing_enable()
     return model
 
 

@@ -73,14 +73,19 @@ def test_multi_hash_segments_on_one_expert_equal_the_whole_ffn():
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
-@pytest.mark.parametrize("segments,counts", [(1, [3, 0, 4]), (2, [2, 0, 0, 3, 1, 1]), (1, [0, 0, 0])])
-def test_grouped_ffn_backward_passes_gradcheck(activation, segments, counts):
-    """The hand-written backward of GroupedExpertFFN against finite differences, empty slots included."""
-    from models.experts import GroupedExpertFFN
+@pytest.mark.parametrize("segments,counts", [(1, [3, 0, 4, 0]), (2, [2, 0, 0, 3, 1, 1, 2]), (1, [0, 0, 0, 2])])
+def test_expert_ffn_backward_passes_gradcheck(activation, segments, counts):
+    """The hand-written backward of the expert_ffn op against finite differences, empty slots and dropped rows
+    (the last count: rows after every slot's, which must give 0) included; and torch.library's op checks."""
+    from models.experts import expert_ffn
 
     bank = ExpertBank(3, 4, 6, activation, num_segments=segments).double()
     bank.reset_parameters(0.5, 0.5)
     x = torch.randn(sum(counts), 4, dtype=torch.float64, requires_grad=True)
     w1, w2 = bank.w1.detach().clone().requires_grad_(), bank.w2.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x, w1, w2: GroupedExpertFFN.apply(x, w1, w2, counts, segments, bank.act), (x, w1, w2))
+    counts_G1 = torch.tensor(counts)
+    assert torch.autograd.gradcheck(lambda x, w1, w2: expert_ffn(x, w1, w2, counts_G1, segments, activation)[0],
+                                    (x, w1, w2))
+    y = expert_ffn(x, w1, w2, counts_G1, segments, activation)[0]
+    assert torch.equal(y[sum(counts[:-1]):], torch.zeros(counts[-1], 4, dtype=torch.float64))
+    torch.library.opcheck(expert_ffn, (x, w1, w2, counts_G1, segments, activation))

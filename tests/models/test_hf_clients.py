@@ -100,3 +100,25 @@ def test_bfloat16_load(tmp_path, name):
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
     torch.testing.assert_close(loaded(ids).logits.float(), model(ids).logits, rtol=0.05, atol=0.05)
     assert loaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 12)
+
+
+@pytest.mark.parametrize("name", ["dense", "hash", "switch"])
+def test_compile_fullgraph_equals_eager(name):
+    """torch.compile(fullgraph=True): one graph, no break (the experts are one custom op whose output shape does
+    not depend on the routing); logits, and for a training step the gradients, equal eager."""
+    torch.manual_seed(0)
+    model = HashMoEForCausalLM(tiny_config(**VARIANTS[name]))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    model.train()
+    grads = []
+    for forward in (model, compiled):
+        model.zero_grad()
+        forward(ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-4, atol=1e-6, msg=key)

@@ -56,11 +56,7 @@ class HashMoEModelTester:
 
 NEEDS_IDS = ("a hash router chooses experts by token id, so embeddings alone are refused with a ValueError "
              "(checked in test_generate_from_inputs_embeds, with ids and embeddings together)")
-NOT_TRACEABLE = ("NOT DONE (issue 12, item 8): the MoE dispatch sizes each expert's slice from the token counts "
-                 "(data-dependent shapes); torch._grouped_mm would avoid that, but in torch 2.13 its meta kernel "
-                 "accepts only bf16, so an fp32 CPU graph cannot be traced yet")
-HASH_SKIPS = {"test_inputs_embeds": NEEDS_IDS, "test_inputs_embeds_matches_input_ids": NEEDS_IDS,
-              "test_torch_export": NOT_TRACEABLE}
+HASH_SKIPS = {"test_inputs_embeds": NEEDS_IDS, "test_inputs_embeds_matches_input_ids": NEEDS_IDS}
 
 
 class HashMoECommonTests(ModelTesterMixin, GenerationTesterMixin):
@@ -92,9 +88,9 @@ TestHashBalanced = variant("HashBalanced", skips=HASH_SKIPS,
 TestHashBigram = variant("HashBigram", skips=HASH_SKIPS, config_overrides=dict(router="hash", hash_function="bigram"))
 TestHashMulti = variant("HashMulti", skips=HASH_SKIPS,
                         config_overrides=dict(router="hash", hash_function="random", hash_heads=4))
-TestSwitch = variant("Switch", skips={"test_torch_export": NOT_TRACEABLE}, config_overrides=dict(router="switch"))
-TestBase = variant("Base", skips={"test_torch_export": NOT_TRACEABLE}, config_overrides=dict(router="base"))
-TestTopk = variant("Topk", skips={"test_torch_export": NOT_TRACEABLE}, config_overrides=dict(router="topk"))
+TestSwitch = variant("Switch", config_overrides=dict(router="switch"))
+TestBase = variant("Base", config_overrides=dict(router="base"))
+TestTopk = variant("Topk", config_overrides=dict(router="topk"))
 TestLadder = variant("Ladder", skips=HASH_SKIPS, config_overrides=dict(
     router="hash", hash_function="random", num_hidden_layers=1, moe_layers=[0],
     recurrence={"kind": "ladder", "steps": 2}))

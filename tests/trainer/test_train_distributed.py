@@ -18,6 +18,8 @@ from tests.trainer.harness import (
     write_corpus,
 )
 
+pytestmark = pytest.mark.slow
+
 ROUTERS = {
     "hash": {},
     "switch": {"model__router": "switch"},
@@ -80,6 +82,25 @@ def test_ep1_and_ep2_give_the_same_losses(router, optimizer, corpus, tmp_path):
     for step in rows1:
         assert rows2[step]["train/loss"] == pytest.approx(rows1[step]["train/loss"], rel=2e-6, abs=2e-6), step
     assert rows1[6]["train/loss"] != rows1[1]["train/loss"]  # it did train
+
+
+@pytest.mark.parametrize("router", ["hash", "switch", "hash-ladder"])
+def test_gradient_checkpointing_on_two_ranks_gives_the_same_losses(router, corpus, tmp_path):
+    """model.gradient_checkpointing: true recomputes each block (its all-to-alls too) in the backward pass, with
+    DeepSpeed and ep_size 2 on 2 ranks: the losses equal the run without it."""
+    corpus_file, cache = corpus
+    rows = {}
+    for checkpointing in (False, True):
+        name = f"gc{int(checkpointing)}"
+        config = base_config(tmp_path / name, corpus_file, cache, parallel__ep_size=2, optim__micro_batch_size=2,
+                             optim__max_steps=5, logging__eval_batches=0, optim__lr=3e-3,
+                             model__gradient_checkpointing=checkpointing, **ROUTERS[router])
+        check(run(train_command(write_config(tmp_path / f"{name}.yaml", config), 2)))
+        rows[checkpointing] = train_rows(tmp_path / name)
+    assert sorted(rows[True]) == sorted(rows[False]) == list(range(1, 6))
+    for step in rows[False]:
+        assert rows[True][step]["train/loss"] == pytest.approx(rows[False][step]["train/loss"], rel=1e-6, abs=1e-6)
+    assert rows[True][5]["train/loss"] != rows[True][1]["train/loss"]  # it did train
 
 
 def test_metrics_jsonl_and_tensorboard_carry_the_named_tags(corpus, tmp_path):
