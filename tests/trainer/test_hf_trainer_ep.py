@@ -5,7 +5,16 @@ import json
 
 import pytest
 
-from tests.trainer.harness import base_config, check, run, torchrun, train_command, train_rows, write_config, write_corpus
+from tests.trainer.harness import (
+    base_config,
+    check,
+    run,
+    torchrun,
+    train_command,
+    train_rows,
+    write_config,
+    write_corpus,
+)
 
 pytestmark = pytest.mark.slow
 
