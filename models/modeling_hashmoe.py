@@ -285,10 +285,14 @@ class HashMoEPreTrainedModel(PreTrainedModel):
         return [m for m in self.modules() if isinstance(m, HashRouter)]
 
     def gradient_checkpointing_enable(self, *args, **kwargs):
-        if (self.config.recurrence or {}).get("kind") == "staircase":
-            raise ValueError("gradient checkpointing is not supported for staircase recurrence yet (the recomputed "
-                             "window does not match the saved one); train a staircase model without it.")
+        recurrence = self.config.recurrence or {}
+        if recurrence.get("kind") == "staircase" and recurrence.get("memory", 0):
+            # The memory reaches each block as a KV cache that the block extends; a checkpointed block would
+            # get no cache (transformers drops it) and its recomputation would extend it a second time.
+            raise ValueError("gradient checkpointing does not support the cached staircase (recurrence.memory > 0) "
+                             "yet: train it without checkpointing, or with memory: 0.")
         return super().gradient_checkpointing_enable(*args, **kwargs)
+
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:

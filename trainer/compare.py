@@ -83,6 +83,15 @@ def model_defaults() -> dict:
     return defaults
 
 
+def recorded_model_config(run_dir: Path) -> dict:
+    """The resolved model config saved with the run's latest checkpoint ({} when there is none)."""
+    latest = run_dir / "checkpoints" / "latest"
+    state = run_dir / "checkpoints" / (latest.read_text().strip() if latest.is_file() else "") / "hashmoe_state.json"
+    if not latest.is_file() or not state.is_file():
+        return {}
+    return json.loads(state.read_text()).get("model_config", {})
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -121,6 +130,10 @@ def collect_run(path, defaults: dict | None = None) -> RunSummary:
         return run
     if (path / "config.yaml").is_file():
         run.config = read_config(path, model_defaults() if defaults is None else defaults)
+        # The model config a checkpoint recorded is what the run used, whatever today's defaults are (the default
+        # eval_capacity_factor changed from 2.0 to null on 2026-12-01).
+        recorded = recorded_model_config(path)
+        run.config.update({f"model.{k}": recorded[k] for k in ("eval_capacity_factor",) if k in recorded})
     else:
         run.notes.append("no config.yaml: router, experts and label unknown")
     summary_file = path / "summary.json"
@@ -246,6 +259,11 @@ def extra_columns(runs: list[RunSummary]) -> list[tuple[str, object]]:
         columns.append(("params frozen", lambda r: human(r.params.get("frozen"))))
     if any(passes_per_token(r) > 1 for r in runs if r.config):
         columns.append(("passes per token", lambda r: str(passes_per_token(r)) if r.config else "-"))
+    if any(r.config and r.is_moe and r.model("router") in ("switch", "topk") for r in runs):
+        # Capacity at evaluation makes a token's output depend on the rest of the batch: say which was used.
+        columns.append(("eval capacity", lambda r: (
+            "-" if not (r.config and r.is_moe and r.model("router") in ("switch", "topk"))
+            else "none" if r.model("eval_capacity_factor") is None else str(r.model("eval_capacity_factor")))))
     if any(r.exact_match for r in runs):
         columns.append(("final exact-match error", lambda r: fmt(r.exact_match[-1][1] if r.exact_match else None,
                                                                  ".3f")))

@@ -228,9 +228,10 @@ def validate(config: RunConfig) -> None:
             raise UserError(f"model.{field_name}", problem if sep else rest.rstrip("."),
                             fix if sep else "Fix the model section.") from None
         raise UserError("model", message, "Fix the model section.") from None
-    if config.model.get("gradient_checkpointing") and (model_config.recurrence or {}).get("kind") == "staircase":
-        raise UserError("model.gradient_checkpointing", "is not supported for staircase recurrence yet",
-                        "Set model.gradient_checkpointing: false for this model.")
+    recurrence = model_config.recurrence or {}
+    if config.model.get("gradient_checkpointing") and recurrence.get("kind") == "staircase" and recurrence.get("memory"):
+        raise UserError("model.gradient_checkpointing", "is not supported for the cached staircase (memory > 0) yet",
+                        "Set model.gradient_checkpointing: false, or recurrence.memory: 0.")
     _validate_data(config.data)
     if config.data.seq_len > model_config.max_position_embeddings:
         raise UserError("data.seq_len", f"{config.data.seq_len} exceeds model.max_position_embeddings="

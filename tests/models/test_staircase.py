@@ -131,3 +131,28 @@ def test_padded_batches_are_refused_with_a_reason():
 def test_bad_staircase_is_named(recurrence):
     with pytest.raises(ValueError, match=r"HashMoEConfig\.recurrence:"):
         tiny_config(recurrence=recurrence)
+
+
+def test_gradient_checkpointing_of_the_cached_staircase_is_refused():
+    model = HashMoEForCausalLM(tiny_config(recurrence={"kind": "staircase", "chunk": 2, "window": 4, "memory": 2}))
+    with pytest.raises(ValueError, match="memory"):
+        model.gradient_checkpointing_enable()
+
+
+@pytest.mark.parametrize("memory", [0])
+def test_gradient_checkpointing_gives_the_same_gradients(memory):
+    """Each block runs once per staircase step on a different window; checkpointing recomputes each call."""
+    torch.manual_seed(0)
+    model = HashMoEForCausalLM(tiny_config(router="hash", hash_function="random",
+                                           recurrence={"kind": "staircase", "chunk": 2, "window": 4, "memory": memory}))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-6, atol=1e-7, msg=key)

@@ -120,6 +120,7 @@ def test_table_rows_labels_and_statuses(report):
     assert (hashed["final valid ppl"], hashed["best valid ppl"]) == ("80.00", "80.00")
     assert (switch["final valid ppl"], switch["best valid ppl"]) == ("95.00", "90.00")
     assert (switch["dropped frac"], switch["load CV"]) == ("0.2000", "0.100")
+    assert (switch["eval capacity"], hashed["eval capacity"]) == ("none", "-")  # today's default: no capacity
     assert (dense["dropped frac"], dense["load CV"], dense["updates/s"]) == ("-", "-", "3.00")
     assert unfinished["updates/s"] == "1.00"  # two windows: no warm-up exclusion
     assert (unfinished["final valid ppl"], unfinished["best valid ppl"]) == ("-", "-")

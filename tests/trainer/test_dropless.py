@@ -17,6 +17,8 @@ from tests.trainer.harness import (
 )
 from trainer.dropless import source_to_slot_order
 
+pytestmark = pytest.mark.slow  # multi-process
+
 
 def test_source_to_slot_order_regroups_rows_by_local_slot():
     # rows arrive as (rank 0: slot0 x2, slot1 x1), (rank 1: slot0 x1, slot1 x3)

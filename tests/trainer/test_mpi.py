@@ -13,6 +13,8 @@ from tests.trainer.harness import base_config, check, run, train_rows, write_con
 from trainer.distributed import free_port, resolve_env
 from trainer.errors import UserError
 
+pytestmark = pytest.mark.slow  # multi-process
+
 MPIRUN = shutil.which("mpirun")
 
 

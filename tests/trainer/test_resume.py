@@ -22,6 +22,8 @@ from tests.trainer.harness import (
 )
 from trainer.checkpoint import latest_checkpoint
 
+pytestmark = pytest.mark.slow  # multi-process
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):

@@ -14,7 +14,7 @@ import pytest
 from tests.trainer.harness import ROOT, base_config, env_for_run, train_rows, write_config, write_corpus
 from tests.trainer.slurm_cluster import SlurmCluster, missing_reason
 
-pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))]
 
 MAX_STEPS = 30
 
