@@ -98,12 +98,13 @@ def expert_ffn(x_AD: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, tokens_pe
     """(y_AD, pre-activation, activation) of every row; the last two are kept for the backward."""
     rows_G = _slot_rows(tokens_per_slot_G.tolist()[:w1.shape[0] * num_segments])
     size = w1.shape[1] // num_segments
-    pre_AS = x_AD.new_zeros(x_AD.shape[0], size)  # S = hidden width of one slot; dropped rows stay 0
+    new_rows = torch.zeros if _has_dropped(rows_G, x_AD) else torch.empty  # dropped rows must read 0
+    pre_AS = new_rows(x_AD.shape[0], size, dtype=x_AD.dtype, device=x_AD.device)  # S = one slot's hidden width
     for slot, rows in rows_G:
         expert, segment = divmod(slot, num_segments)
         torch.mm(x_AD[rows], w1[expert, segment * size:(segment + 1) * size].t(), out=pre_AS[rows])
     h_AS = ACTIVATIONS[activation](pre_AS)  # act(0) = 0 for every activation offered
-    y_AD = torch.zeros_like(x_AD) if _has_dropped(rows_G, x_AD) else torch.empty_like(x_AD)
+    y_AD = new_rows(x_AD.shape, dtype=x_AD.dtype, device=x_AD.device)
     for slot, rows in rows_G:
         expert, segment = divmod(slot, num_segments)
         torch.mm(h_AS[rows], w2[expert, :, segment * size:(segment + 1) * size].t(), out=y_AD[rows])
