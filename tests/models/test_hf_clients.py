@@ -122,3 +122,15 @@ def test_compile_fullgraph_equals_eager(name):
     assert grads[0].keys() == grads[1].keys()
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", ["dense", "hash"])
+def test_compiled_generation_with_static_cache_equals_eager(name):
+    """The forward compiled with fullgraph=True, decoding into a static cache: the eager greedy tokens."""
+    torch.manual_seed(0)
+    model = HashMoEForCausalLM(tiny_config(**VARIANTS[name])).eval()
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, **kwargs)
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
