@@ -116,8 +116,8 @@ class AttentionLayout:
     def mask_for(self, num_keys: int, implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
         if self.ready_mask is not None:
             return self.ready_mask[..., :num_keys]
-        if self.plain_causal and num_keys == self.query_pos_S.shape[0]:
-            return None
+        if self.plain_causal and num_keys == self.query_pos_S.shape[0] and implementation != "eager":
+            return None  # sdpa's own causal kernel (is_causal); eager has none and needs the mask
         allowed_B1SP = attention_allowed(self.key_real_BP, self.query_pos_S, num_keys)
         if implementation == "sdpa":
             return allowed_B1SP
@@ -148,7 +148,7 @@ class HashMoEAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, cache_index)
         implementation = self.config._attn_implementation or "sdpa"
-        attend = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         y_BSHd, weights = attend(self, q, k, v, layout.mask_for(k.shape[2], implementation, q.dtype),
                                  dropout=self.dropout if self.training else 0.0, scaling=self.scaling)
         return self.o_proj(y_BSHd.reshape(B, S, D)), weights

@@ -106,6 +106,7 @@ def test_bfloat16_load(tmp_path, name):
 def test_compile_fullgraph_equals_eager(name):
     """torch.compile(fullgraph=True): one graph, no break (the experts are one custom op whose output shape does
     not depend on the routing); logits, and for a training step the gradients, equal eager."""
+    torch._dynamo.reset()  # each test compiles the same forward code anew: keep under dynamo's recompile limit
     torch.manual_seed(0)
     model = HashMoEForCausalLM(tiny_config(**VARIANTS[name]))
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -127,6 +128,7 @@ def test_compile_fullgraph_equals_eager(name):
 @pytest.mark.parametrize("name", ["dense", "hash"])
 def test_compiled_generation_with_static_cache_equals_eager(name):
     """The forward compiled with fullgraph=True, decoding into a static cache: the eager greedy tokens."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = HashMoEForCausalLM(tiny_config(**VARIANTS[name])).eval()
     ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(1))
