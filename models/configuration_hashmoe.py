@@ -244,6 +244,15 @@ class HashMoEConfig(PretrainedConfig):
         return self.recurrence["steps"] if self.recurrence and self.recurrence["kind"] == "ladder" else 1
 
     @property
+    def gradient_checkpointing_unsupported(self) -> str | None:
+        """Why gradient checkpointing cannot run on this model, or None. The cached staircase's memory reaches
+        each block as a KV cache that the block extends: transformers' checkpointing drops the cache, and a
+        recomputation would extend it a second time."""
+        if self.recurrence and self.recurrence["kind"] == "staircase" and self.recurrence.get("memory", 0):
+            return "is not supported for the cached staircase (recurrence.memory > 0) yet"
+        return None
+
+    @property
     def passes_per_token(self) -> int:
         """How many times the layer stack processes each token: ladder steps, or window / chunk of a staircase."""
         if self.recurrence and self.recurrence["kind"] == "staircase":

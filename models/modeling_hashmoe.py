@@ -280,19 +280,14 @@ class HashMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, HashMoEMLP) and module.frozen_size:
             module.reset_frozen_units()
 
-
     def hash_routers(self) -> list[HashRouter]:
         return [m for m in self.modules() if isinstance(m, HashRouter)]
 
     def gradient_checkpointing_enable(self, *args, **kwargs):
-        recurrence = self.config.recurrence or {}
-        if recurrence.get("kind") == "staircase" and recurrence.get("memory", 0):
-            # The memory reaches each block as a KV cache that the block extends; a checkpointed block would
-            # get no cache (transformers drops it) and its recomputation would extend it a second time.
-            raise ValueError("gradient checkpointing does not support the cached staircase (recurrence.memory > 0) "
-                             "yet: train it without checkpointing, or with memory: 0.")
+        if self.config.gradient_checkpointing_unsupported:
+            raise ValueError(f"gradient checkpointing {self.config.gradient_checkpointing_unsupported}: train this "
+                             "model without it, or with recurrence.memory: 0.")
         return super().gradient_checkpointing_enable(*args, **kwargs)
-
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
@@ -336,11 +331,12 @@ class HashMoEModel(HashMoEPreTrainedModel):
         return_dict = config.return_dict if return_dict is None else return_dict
         use_cache = config.use_cache if use_cache is None else use_cache
         past_key_values = resolve_cache(cache, past_key_values)
-        if (input_ids is None) == (inputs_embeds is None) and not (config.is_moe and config.router == "hash"):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hash_routed = config.is_moe and config.router == "hash"
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids (or inputs_embeds together with input_ids for a hash model)")
-        if input_ids is None and config.is_moe and config.router == "hash":
+        if input_ids is not None and inputs_embeds is not None and not hash_routed:
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is None and hash_routed:
             raise ValueError("a hash-routed model routes every token by its id, so it needs input_ids: pass "
                              "input_ids (inputs_embeds may come with them and then replace the token embeddings)")
         staircase = (config.recurrence or {}).get("kind") == "staircase"

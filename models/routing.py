@@ -89,11 +89,7 @@ class HashRouter(nn.Module):
         with torch.device("cpu"):
             table = self._initial_table(self.hash_function, self.num_experts, self.num_heads, self.vocab_size,
                                         self.max_positions, self.seed)
-        buffer = getattr(self, self.table_name)
-        if buffer.shape != table.shape:  # a resized vocabulary: take the new shape
-            setattr(self, self.table_name, table.to(buffer.device))
-        else:
-            buffer.copy_(table)
+        getattr(self, self.table_name).copy_(table)
         self.table_fitted.fill_(int(self.hash_function not in self.FITTED_FUNCTIONS))
         self._fitted_checked = False
 
@@ -151,9 +147,9 @@ class HashRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor, routing: RoutingInputs) -> RouterOutput:
         if not self._fitted_checked and not torch.compiler.is_compiling():
             self._fitted_checked = bool(self.table_fitted)
-        if not self._fitted_checked and not torch.compiler.is_compiling():
-            raise RuntimeError(f"hash_function={self.hash_function!r} needs its table built from a trained "
-                               "model's embeddings first: call model.fit_hash_tables(embeddings=...).")
+            if not self._fitted_checked:
+                raise RuntimeError(f"hash_function={self.hash_function!r} needs its table built from a trained "
+                                   "model's embeddings first: call model.fit_hash_tables(embeddings=...).")
         if self.hash_function == "bigram":
             index_TH = torch.stack([bigram_hash(routing.prev_ids_T, routing.input_ids_T, self.hash_params[h],
                                                 self.num_experts) for h in range(self.num_heads)], dim=1)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from trainer import checkpoint as ckpt
 from trainer.errors import UserError
 from trainer.metrics import read_metrics
 
@@ -85,11 +86,8 @@ def model_defaults() -> dict:
 
 def recorded_model_config(run_dir: Path) -> dict:
     """The resolved model config saved with the run's latest checkpoint ({} when there is none)."""
-    latest = run_dir / "checkpoints" / "latest"
-    state = run_dir / "checkpoints" / (latest.read_text().strip() if latest.is_file() else "") / "hashmoe_state.json"
-    if not latest.is_file() or not state.is_file():
-        return {}
-    return json.loads(state.read_text()).get("model_config", {})
+    latest = ckpt.latest_checkpoint(run_dir)
+    return ckpt.read_state(latest).get("model_config", {}) if latest is not None else {}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

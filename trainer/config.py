@@ -208,9 +208,8 @@ def validate(config: RunConfig) -> None:
 
     model_fields = {f.name for f in dataclasses.fields(HashMoEConfig)}
     for key, kind in TRAINER_MODEL_KEYS.items():
-        if key in config.model and not isinstance(config.model[key], kind):
-            raise UserError(f"model.{key}", f"expected {kind.__name__}, got {config.model[key]!r}",
-                            f"Give a {kind.__name__} value.")
+        if key in config.model:
+            _coerce(kind, config.model[key], f"model.{key}")
     for key in model_config_fields(config.model):
         if key not in model_fields:
             raise UserError(f"model.{key}", "unknown model field",
@@ -228,9 +227,8 @@ def validate(config: RunConfig) -> None:
             raise UserError(f"model.{field_name}", problem if sep else rest.rstrip("."),
                             fix if sep else "Fix the model section.") from None
         raise UserError("model", message, "Fix the model section.") from None
-    recurrence = model_config.recurrence or {}
-    if config.model.get("gradient_checkpointing") and recurrence.get("kind") == "staircase" and recurrence.get("memory"):
-        raise UserError("model.gradient_checkpointing", "is not supported for the cached staircase (memory > 0) yet",
+    if config.model.get("gradient_checkpointing") and model_config.gradient_checkpointing_unsupported:
+        raise UserError("model.gradient_checkpointing", model_config.gradient_checkpointing_unsupported,
                         "Set model.gradient_checkpointing: false, or recurrence.memory: 0.")
     _validate_data(config.data)
     if config.data.seq_len > model_config.max_position_embeddings:

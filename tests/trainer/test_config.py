@@ -366,3 +366,19 @@ def test_save_resolved_round_trips(tmp_path):
 def test_save_resolved_of_defaults_round_trips(tmp_path):
     save_resolved(RunConfig(), tmp_path / "a" / "b")
     assert load_config(tmp_path / "a" / "b" / "config.yaml") == RunConfig()
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["model.gradient_checkpointing=2"], "expected bool, got 2"),
+    (["model.gradient_checkpointing=true",
+      "model.recurrence={kind: staircase, chunk: 8, window: 16, memory: 8}"], "cached staircase"),
+])
+def test_gradient_checkpointing_key(overrides, problem):
+    err = tiny_error(*overrides)
+    assert err.key == "model.gradient_checkpointing"
+    assert problem in err.problem
+
+
+def test_gradient_checkpointing_is_a_trainer_key_not_a_model_field():
+    config = load_config(TINY, ["model.gradient_checkpointing=true"])
+    assert config.model["gradient_checkpointing"] is True
