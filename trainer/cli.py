@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hashmoe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hashmoe {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors and "
+                        "DeepSpeed's start-up messages")
     # The deepspeed launcher inserts --local_rank=N before the command; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -43,12 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(train)
     train.add_argument("--resume", action="store_true",
                        help="require a checkpoint to resume from (otherwise resuming is automatic)")
+    add_change_argument(train)
 
-    launch = commands.add_parser("launch", help="start N local processes (torchrun) running `train`",
-                                 description="Start N local ranks on this machine (loopback rendezvous).")
+    launch = commands.add_parser("launch", help="start N local ranks of `train` on this machine",
+                                 description="Start N local ranks of `hashmoe train` on this machine (loopback "
+                                 "rendezvous). Ctrl-C is passed to every rank once: they finish the step, "
+                                 "checkpoint and stop; a second Ctrl-C stops them at once. If a rank fails, the "
+                                 "others are stopped and one line names it.")
     add_run_arguments(launch)
     launch.add_argument("--nproc", type=int, required=True, help="number of local processes (ranks)")
     launch.add_argument("--resume", action="store_true", help="as for train")
+    add_change_argument(launch)
 
     slurm = commands.add_parser(
         "slurm", help="submit a run as a Slurm batch job (srun: one rank per GPU or task)",
@@ -80,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: this Python, `-m trainer.cli`; inside a container: hashmoe)")
     slurm.add_argument("--template", help="sbatch template (default slurm/hashmoe.sbatch)")
     slurm.add_argument("--dry-run", action="store_true", help="print the job script, submit nothing")
+    add_change_argument(slurm)
 
     export = commands.add_parser("export", help="gather a checkpoint's experts into one HF folder",
                                  description="Write CHECKPOINT (RUN_DIR/checkpoints/step_N) as one HuggingFace "
@@ -140,40 +147,52 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="run folder (overrides run.output_dir)")
 
 
+def add_change_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a run folder whose checkpoints were trained with other config values, with "
+                        "the new ones (recorded with their step in RUN_DIR/config_changes.jsonl and the model "
+                        "card); without it such a rerun is refused")
+
+
 def run_train(args) -> int:
     from trainer.config import load_config
+    from trainer.distributed import shutdown_distributed, tool_command
+    from trainer.launch import EXIT_INTERRUPTED
     from trainer.loop import train
 
     config = load_config(args.config, args.overrides, args.output)
-    summary = train(config, resume=args.resume)
-    if os.environ.get("RANK", "0") == "0":
-        ppl = summary["valid_ppl"]
-        print(f"hashmoe: {'stopped' if summary['stopped_early'] else 'finished'} at step {summary['step']}"
-              + (f", valid ppl {ppl:.2f}" if ppl is not None else "")
-              + f"\n  run folder:  {summary['run_dir']}\n  TensorBoard: tensorboard --logdir {summary['tensorboard']}",
-              flush=True)
+    summary = train(config, resume=args.resume, allow_config_change=args.allow_config_change)
+    shutdown_distributed()
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_INTERRUPTED if summary.get("interrupted") else 0
+    ppl = summary["valid_ppl"]
+    ppl_text = f", valid ppl {ppl:.2f}" if ppl is not None else ""
+    if summary.get("already_finished"):
+        print(f"hashmoe: {summary['run_dir']} already finished at step {summary['step']}{ppl_text}; nothing was "
+              "changed (to train it further: --set optim.max_steps=N --allow-config-change)", flush=True)
+        return 0
+    if summary["stopped_early"]:  # train() said so, in one line
+        return EXIT_INTERRUPTED if summary.get("interrupted") else 0
+    print(f"hashmoe: finished at step {summary['step']}{ppl_text}\n  run folder:  {summary['run_dir']}\n"
+          f"  TensorBoard: {tool_command('tensorboard')} --logdir {summary['tensorboard']}", flush=True)
     return 0
 
 
 def run_launch(args) -> int:
     from trainer.config import check_world_size, load_config
-    from trainer.distributed import free_port
+    from trainer.launch import launch_local
 
     config = load_config(args.config, args.overrides, args.output)  # fail here, not in N processes
     if args.nproc < 1:
         raise UserError("--nproc", f"got {args.nproc}", "Use at least 1 process.")
     check_world_size(config, args.nproc)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "trainer.cli", "train", args.config]
+    train_args = [args.config]
     for item in args.overrides:
-        command += ["--set", item]
+        train_args += ["--set", item]
     if args.output:
-        command += ["--output", args.output]
-    if args.resume:
-        command.append("--resume")
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    return subprocess.call(command, env=env)
+        train_args += ["--output", args.output]
+    train_args += ["--resume"] * args.resume + ["--allow-config-change"] * args.allow_config_change
+    return launch_local(args.nproc, train_args)
 
 
 def run_slurm(args) -> int:
@@ -182,7 +201,8 @@ def run_slurm(args) -> int:
     request = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ntasks_per_node=args.ntasks_per_node,
                            cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
                            qos=args.qos, time=args.time, signal_seconds=args.signal_seconds, setup=args.setup,
-                           srun_args=args.srun_args, hashmoe=args.hashmoe, template=args.template)
+                           srun_args=args.srun_args, hashmoe=args.hashmoe, template=args.template,
+                           allow_config_change=args.allow_config_change)
     return slurm_command(args.config, args.overrides, args.output, request, args.dry_run)
 
 
@@ -251,13 +271,49 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {"train": run_train, "launch": run_launch, "slurm": run_slurm, "export": run_export, "push": run_push,
                 "compare": run_compare, "bench": run_bench}
+    # For this command only (main() also runs in-process, in tests and tools); launched ranks inherit them.
+    saved_environ = {key: os.environ.get(key) for key in ("HASHMOE_DEBUG", "DS_ACCELERATOR")}
+    if args.debug:
+        os.environ["HASHMOE_DEBUG"] = "1"
+    quiet_deepspeed()
     try:
         return handlers[args.command](args)
     except UserError as err:
+        from trainer.distributed import shutdown_distributed
+
         if args.debug:
             traceback.print_exc()
-        print(f"hashmoe: error: {err.key}: {err.problem}. {err.fix}", file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not err.all_ranks:
+            where = "" if rank == "0" else f" (rank {rank})"
+            print(f"hashmoe: error{where}: {err.key}: {err.problem}. {err.fix}", file=sys.stderr, flush=True)
+        shutdown_distributed(together=err.all_ranks)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # before the trainer's own handler is installed (imports, config, launch)
+        print("\nhashmoe: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        for key, value in saved_environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("HASHMOE_DEBUG") == "1"
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed announces on every start that it falls back to the CPU ("Setting accelerator to CPU. If you
+    have GPU..."): on a machine without CUDA, name the CPU accelerator ourselves, which it logs only at info
+    level. --debug keeps DeepSpeed's own detection and messages."""
+    if debug_enabled() or "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from trainer import checkpoint as ckpt
+from trainer.config import flatten_config
 from trainer.errors import UserError
 from trainer.metrics import read_metrics
 
@@ -90,16 +91,6 @@ def recorded_model_config(run_dir: Path) -> dict:
     return ckpt.read_state(latest).get("model_config", {}) if latest is not None else {}
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def read_config(path: Path, defaults: dict) -> dict:
     raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
     model = {**defaults, **(raw.get("model") or {})}
@@ -108,7 +99,7 @@ def read_config(path: Path, defaults: dict) -> dict:
         model = {k: v for k, v in model.items() if k not in MOE_ONLY_KEYS | HASH_ONLY_KEYS}
     elif model.get("router") != "hash":
         model = {k: v for k, v in model.items() if k not in HASH_ONLY_KEYS}
-    return {k: v for k, v in flatten({**raw, "model": model}).items() if k not in IGNORED_KEYS}
+    return {k: v for k, v in flatten_config({**raw, "model": model}).items() if k not in IGNORED_KEYS}
 
 
 def _mean(values) -> float | None:
@@ -208,10 +199,19 @@ def assign_labels(runs: list[RunSummary], keys: list[str]) -> None:
     for run in runs:
         if run.ok and run.config and keys:
             run.label = ", ".join(f"{n}={fmt_value(run.config[k])}" for k, n in zip(keys, names) if k in run.config)
+    disambiguate(runs)
+
+
+def disambiguate(runs: list[RunSummary]) -> None:
+    """Equal labels (identical configs, or one run.name in two folders): the folder tells them apart."""
     labels = [r.label for r in runs]
-    for run in runs:  # identical configs in two folders: the folder tells them apart
+    for run in runs:
         if labels.count(run.label) > 1 and run.label != run.path.name:
             run.label = f"{run.label} ({run.path.name})"
+    labels = [r.label for r in runs]
+    for run in runs:  # two folders of one name (a/run, b/run): the whole path
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} ({run.path})"
 
 
 def human(n) -> str:
@@ -422,6 +422,7 @@ def compare_runs(paths, out_dir, label_by: str = "config") -> Path:
     if label_by == "name":
         for run in runs:
             run.label = run_name(run.path)
+        disambiguate(runs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_plots(runs, out_dir)

@@ -139,7 +139,8 @@ def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | N
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """`a.b=c`: c is parsed as YAML (so 1e-3, true, [1, 3] and null work)."""
+    """`a.b=c`: c is parsed as YAML (so 1e-3, true, [1, 3] and null work); a bare comma list of numbers
+    (`moe_layers=1,3`) is read as the list it means."""
     if "=" not in item:
         raise UserError("--set", f"{item!r} is not KEY=VALUE", "Write e.g. --set optim.lr=3e-4.")
     key, value = item.split("=", 1)
@@ -150,7 +151,12 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise UserError(key, f"{part} is not a section", "Override a key inside a section.")
     try:
-        node[parts[-1]] = _load_yaml(value)
+        parsed = _load_yaml(value)
+        if isinstance(parsed, str) and "," in parsed:
+            items = [_load_yaml(v) for v in parsed.split(",")]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+                parsed = items
+        node[parts[-1]] = parsed
     except yaml.YAMLError:
         raise UserError("--set", f"the value in {item!r} is not valid YAML",
                         "Quote it, or write lists as [a, b] and mappings as {k: v}.") from None
@@ -284,7 +290,66 @@ def resolve_ds_config_path(name: str) -> Path:
 
 
 def save_resolved(config: RunConfig, run_dir: Path) -> None:
+    """RUN_DIR/config.yaml: written when training starts from it, never by a run that does not train."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tmp.replace(run_dir / "config.yaml")
+
+
+# ---- reruns into an existing run folder ----------------------------------------------------------------
+CHANGES_FILE = "config_changes.jsonl"  # RUN_DIR/: one row per key changed on a resume (--allow-config-change)
+# Keys that may differ between a run and its resume without changing what is trained: where files live, the
+# progress bar, and the expert-parallel layout (resuming at another ep_size continues the same run).
+UNRECORDED_KEYS = {"run.output_dir", "data.cache_dir", "logging.progress", "parallel.ep_size"}
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: the dotted keys of --set."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(run_dir: Path, config: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, value in RUN_DIR/config.yaml, value now) for every key that differs; [] without a config.yaml."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return []
+    raw = _load_yaml(path.read_text()) or {}
+    try:  # through today's defaults, so a key added since the run was started is not a change
+        saved = config_from_dict(raw).to_dict()
+    except UserError:
+        saved = raw
+    before, now = flatten_config(saved), flatten_config(config.to_dict())
+    return [(key, before.get(key), now.get(key)) for key in sorted(before.keys() | now.keys())
+            if key not in UNRECORDED_KEYS and before.get(key) != now.get(key)]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+
+
+def record_changes(run_dir: Path, changes: list[tuple[str, Any, Any]], step: int) -> None:
+    """Append the changes, with the step they apply from, to RUN_DIR/config_changes.jsonl (the model card
+    lists them)."""
+    import json
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with open(Path(run_dir) / CHANGES_FILE, "a") as f:
+        for key, old, new in changes:
+            f.write(json.dumps({"step": step, "key": key, "old": old, "new": new, "time": stamp}) + "\n")
+
+
+def read_changes(run_dir: Path) -> list[dict]:
+    import json
+
+    path = Path(run_dir) / CHANGES_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

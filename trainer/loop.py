@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import signal
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
-from trainer.config import RunConfig, check_world_size, resolve_ds_config_path, save_resolved
+from trainer.config import (
+    CHANGES_FILE,
+    RunConfig,
+    check_world_size,
+    config_changes,
+    describe_changes,
+    record_changes,
+    resolve_ds_config_path,
+    save_resolved,
+)
 from trainer.data import BatchSchedule, PreparedData, prepare_data, valid_shard
 from trainer.distributed import ProcessEnv, init_distributed, resolve_env
 from trainer.errors import UserError
-from trainer.metrics import MetricsWriter, StepTimer, load_cv, truncate_metrics
+from trainer.metrics import MetricsWriter, StepTimer, load_cv, read_metrics
 from trainer.tasks import answer_errors
 
 NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
@@ -92,37 +105,60 @@ def flops_per_token(model_config, counts: dict, seq_len: int) -> float:
     return per_pass * model_config.passes_per_token  # a ladder/staircase runs the stack K times per token
 
 
-def prepare_on_rank0(config: RunConfig, env: ProcessEnv) -> PreparedData:
-    """Rank 0 builds the cache, the others load it; a data error reaches every rank (no rank hangs)."""
-    error = None
+def on_rank0(env: ProcessEnv, work):
+    """Run `work()` on rank 0 and hand its result to every rank; a UserError there is raised on every rank
+    (printed once, by rank 0), so no rank waits for a peer that gave up."""
+    result, error = None, None
     if env.is_main:
         try:
-            prepare_data(config.data, config.run.seed, config.run_dir, is_main=True)
+            result = work()
         except UserError as err:
-            error = err
-    box = [None if error is None else (error.key, error.problem, error.fix)]
+            error = (err.key, err.problem, err.fix)
+    box = [(result, error)]
     dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise UserError(*box[0])
-    return prepare_data(config.data, config.run.seed, config.run_dir if env.is_main else None, is_main=False)
+    result, error = box[0]
+    if error is not None:
+        raise UserError(*error, all_ranks=True)
+    return result
+
+
+def prepare_on_rank0(config: RunConfig, env: ProcessEnv) -> PreparedData:
+    """Rank 0 builds the cache, the others then load it."""
+    built = {}
+
+    def build():
+        built["data"] = prepare_data(config.data, config.run.seed, config.run_dir, is_main=True)
+
+    on_rank0(env, build)
+    return built["data"] if env.is_main else prepare_data(config.data, config.run.seed, None, is_main=False)
 
 
 class StopRequest:
-    """SIGUSR1 (Slurm's warning before the time limit or a preemption) and SIGTERM (scancel, the time limit
-    itself): finish the step, checkpoint, exit. Only SIGUSR1 asks for a requeue under Slurm; SIGTERM means
-    "stop" (a user's scancel must not come back). Installed before the process group starts, so a signal that
-    arrives during start-up still ends with a checkpoint instead of killing the rank."""
+    """SIGUSR1 (Slurm's warning before the time limit or a preemption), SIGTERM (scancel, the time limit
+    itself) and SIGINT (Ctrl-C): finish the step, checkpoint, exit. Only SIGUSR1 asks for a requeue under
+    Slurm; SIGTERM and SIGINT mean "stop" (a user's scancel must not come back). A second Ctrl-C exits at once,
+    without a checkpoint (the previous one stays intact: checkpoints are renamed into place). Installed before
+    the process group starts, so a signal that arrives during start-up still ends with a checkpoint."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.received = torch.zeros(len(self.SIGNALS))  # 1 where that signal arrived on this rank
         self.agreed_flags = torch.zeros(len(self.SIGNALS))  # the same, over all ranks, at the last agreed()
+        self.announce = announce  # rank 0 says what a Ctrl-C does
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.received[self.SIGNALS.index(signum)] = 1.0
+        index = self.SIGNALS.index(signum)
+        if signum == signal.SIGINT and self.received[index]:
+            print("\nhashmoe: second interrupt: exiting without a checkpoint (the last saved one is intact)",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        self.received[index] = 1.0
+        if signum == signal.SIGINT and self.announce:
+            print("\nhashmoe: interrupt: finishing the step and saving a checkpoint (Ctrl-C again to exit at once)",
+                  file=sys.stderr, flush=True)
 
     def agreed(self) -> bool:
         """Collective: every rank learns which signals any rank received; all stop at the same step."""
@@ -134,31 +170,102 @@ class StopRequest:
 
     @property
     def requeue(self) -> bool:
-        """Call after agreed(): preempted (USR1) and nobody asked to stop for good (TERM)."""
-        return bool(self.agreed_flags[0]) and not bool(self.agreed_flags[1])
+        """Call after agreed(): preempted (USR1) and nobody asked to stop for good (TERM, INT)."""
+        return bool(self.agreed_flags[0]) and not bool(self.agreed_flags[1:].any())
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.agreed_flags[2])
 
 
-def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
+@dataclass
+class RunPlan:
+    """What a (re)run of a run folder will do, decided before anything is written."""
+
+    checkpoint: Path | None = None  # resume from here; None: a new run
+    start_step: int = 0
+    warnings: list[str] = field(default_factory=list)  # damaged checkpoints skipped, a corrupt `latest`
+    changes: list = field(default_factory=list)  # (key, old, new) accepted with --allow-config-change
+    finished: dict | None = None  # the run already reached max_steps: its summary; nothing to do
+
+
+def plan_run(config: RunConfig, resume: bool = False, allow_config_change: bool = False) -> RunPlan:
+    """Read the run folder (no writes): the checkpoint to resume from, and whether this config may resume it."""
+    run_dir = config.run_dir
+    previous, warnings = ckpt.find_resumable(run_dir)
+    if resume and previous is None:
+        raise UserError("--resume", f"no complete checkpoint in {ckpt.checkpoint_root(run_dir)}",
+                        "Drop --resume to start a new run, or point --output at the run folder")
+    if previous is None:
+        return RunPlan(warnings=warnings)
+    changes = config_changes(run_dir, config)
+    if changes and not allow_config_change:
+        raise UserError(str(run_dir / "config.yaml"), f"this run folder's checkpoints were trained with other "
+                        f"values ({describe_changes(changes)})", "Train into a new folder with --output DIR, or "
+                        "continue this run with the new values: add --allow-config-change (the change and the step "
+                        f"it starts at are recorded in {run_dir / CHANGES_FILE} and the model card)")
+    check_resumable(config, previous)
+    step = ckpt.read_state(previous)["step"]
+    plan = RunPlan(previous, step, warnings, changes)
+    if step >= config.optim.max_steps:
+        plan.finished = finished_summary(config, step)
+    return plan
+
+
+def check_writable(run_dir: Path) -> None:
+    """Before any work: a run folder that cannot be written would fail only at the first metrics row or
+    checkpoint, after data preparation and model set-up."""
+    probe = run_dir / ".hashmoe-write-test"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError("run.output_dir", f"cannot write the run folder {run_dir} ({err.strerror or err})",
+                        "Pick a writable folder with --output DIR (or run.output_dir in the YAML)") from None
+
+
+def finished_summary(config: RunConfig, step: int) -> dict:
+    summary_file = config.run_dir / "summary.json"
+    summary = {}
+    if summary_file.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            summary = json.loads(summary_file.read_text())
+    if summary.get("valid_loss") is None:  # from the last evaluation the metrics hold
+        valid = [r["valid/loss"] for r in read_metrics(config.run_dir) if "valid/loss" in r and r["step"] <= step]
+        summary["valid_loss"] = valid[-1] if valid else None
+    loss = summary["valid_loss"]
+    return {"step": step, "stopped_early": False, "already_finished": True, "requeue": False, "valid_loss": loss,
+            "valid_ppl": math.exp(loss) if loss is not None else None, "run_dir": str(config.run_dir),
+            "tensorboard": str(config.run_dir / "tb")}
+
+
+def train(config: RunConfig, resume: bool = False, allow_config_change: bool = False, on_finish=None) -> dict:
     """Train the run; `on_finish(engine)` (optional) is called on every rank after the last step, for
     inspection by tools and tests."""
     import deepspeed
 
     from trainer.parallel import check_expert_groups, parallelize
 
-    stop = StopRequest()
     env = resolve_env()
+    stop = StopRequest(announce=env.is_main)
     check_world_size(config, env.world_size)
     run_dir = config.run_dir
-    previous = resumable_checkpoint(config)
-    if resume and previous is None:
-        raise UserError("--resume", f"no complete checkpoint in {ckpt.checkpoint_root(run_dir)}",
-                        "Drop --resume to start a new run, or point --output at the run folder.")
     backend = init_distributed(env)
+    plan = on_rank0(env, lambda: plan_run(config, resume, allow_config_change))
+    if env.is_main:
+        for warning in plan.warnings:
+            print(f"hashmoe: warning: {warning}; using {plan.checkpoint or 'no checkpoint (a new run)'} instead "
+                  "(nothing was deleted)",
+                  file=sys.stderr, flush=True)
+    if plan.finished is not None:
+        return plan.finished
+    on_rank0(env, lambda: check_writable(run_dir))
     if env.is_main:
         if env.world_size > 1:
             print(f"hashmoe: {env.world_size} ranks ({env.launcher}), rendezvous {env.rendezvous}, {backend}",
                   flush=True)
-        save_resolved(config, run_dir)
+        warn_gpu_config_on_cpu(config)
     data = prepare_on_rank0(config, env)
     model = build_model(config, data)
     counts = model.parameter_counts()
@@ -170,61 +277,75 @@ def train(config: RunConfig, resume: bool = False, on_finish=None) -> dict:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(config, s)))
     check_expert_groups(engine.module, env.rank)
 
-    start_step = 0
-    if previous is not None:
+    start_step = plan.start_step
+    if plan.checkpoint is not None:
+        previous = plan.checkpoint
         state = ckpt.read_state(previous)
         same_layout = state["world_size"] == env.world_size and state["ep_size"] == config.parallel.ep_size
         moments = ckpt.load_checkpoint(engine, previous, env.rank, same_layout)
-        start_step = state["step"]
         if env.is_main:
-            truncate_metrics(run_dir, start_step)
             restored = "optimizer moments restored by name" if moments else (
                 "optimizer moments reset (DeepSpeed cannot re-shard ZeRO-1/2 MoE optimizer state)")
             note = "" if same_layout else (f" at a new layout (world {state['world_size']}->{env.world_size}, "
                                            f"ep_size {state['ep_size']}->{config.parallel.ep_size}): weights, "
                                            f"schedule and data position restored, {restored}")
-            print(f"hashmoe: resuming from {previous} (step {start_step}){note}", flush=True)
+            changed = f"; from here on {describe_changes(plan.changes)}" if plan.changes else ""
+            print(f"hashmoe: resuming from {previous} (step {start_step}){note}{changed}", flush=True)
+    if env.is_main:  # training starts here: the run folder's record now describes this run
+        save_resolved(config, run_dir)
+        if plan.changes:
+            record_changes(run_dir, plan.changes, start_step)
 
     summary = TrainLoop(config, env, engine, data, model_config, counts, stop).run(start_step)
     if on_finish is not None:
         on_finish(engine)
     if summary["stopped_early"]:
         requeue = summary["requeue"] and env.slurm_job_id is not None
-        if env.is_main:
-            print(f"hashmoe: stopped by a signal at step {summary['step']}, checkpoint saved"
-                  + ("; requeueing the Slurm job to resume from it" if requeue else
-                     "; run the same command again to resume"), flush=True)
+        summary["requeued"] = requeue
+        if env.is_main:  # now: a requeue ends the job at once
+            print(stopped_line(summary), flush=True)
         if requeue:
             from trainer.slurm import requeue_job
 
-            dist.barrier()  # every rank is done writing: the requeue ends the job at once
+            dist.barrier()  # every rank is done writing
             if env.is_main:
                 requeue_job(env.slurm_job_id)
     return summary
 
 
-def resumable_checkpoint(config: RunConfig) -> Path | None:
-    """The run folder's latest complete checkpoint, checked against this config; None for a new run."""
-    previous = ckpt.latest_checkpoint(config.run_dir)
-    if previous is not None:
-        check_resumable(config, previous)
-    return previous
+def stopped_line(summary: dict) -> str:
+    ppl = summary["valid_ppl"]
+    how = "requeueing the Slurm job to resume from it" if summary.get("requeued") else (
+        "run the same command again to resume")
+    return (f"hashmoe: stopped at step {summary['step']}" + (f", valid ppl {ppl:.2f}" if ppl is not None else "")
+            + f", checkpoint saved; {how}")
+
+
+def warn_gpu_config_on_cpu(config: RunConfig) -> None:
+    """A GPU DeepSpeed config (bf16/fp16) runs on CPU too, slowly and in another precision than intended."""
+    if torch.cuda.is_available():
+        return
+    ds = json.loads(resolve_ds_config_path(config.parallel.ds_config).read_text())
+    half = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled")]
+    if half:
+        print(f"hashmoe: warning: parallel.ds_config={config.parallel.ds_config} is a GPU config ({half[0]}) but no "
+              "GPU is visible: training on CPU in that precision. Use parallel.ds_config=cpu here.",
+              file=sys.stderr, flush=True)
 
 
 def check_resumable(config: RunConfig, checkpoint_dir: Path) -> None:
     """A checkpoint of another model shape cannot be resumed: say which field differs."""
-    import yaml
+    from models import HashMoEConfig
+    from trainer.config import model_config_fields
 
-    saved_config = checkpoint_dir.parents[1] / "config.yaml"
-    if not saved_config.is_file():
-        return
-    saved = (yaml.safe_load(saved_config.read_text()) or {}).get("model", {})
+    saved = ckpt.read_state(checkpoint_dir).get("model_config", {})
+    now = HashMoEConfig(**model_config_fields(config.model), vocab_size=config.data.vocab_size).to_dict()
     for key in ("num_experts", "moe_layers", "hidden_size", "num_hidden_layers", "router", "hash_heads",
-                "expert_intermediate_size", "intermediate_size"):
-        if saved.get(key) != config.model.get(key):
+                "expert_intermediate_size", "intermediate_size", "recurrence", "frozen_ffn_size", "ffn_linear"):
+        if key in saved and saved[key] != now.get(key):
             raise UserError(f"model.{key}", f"the checkpoint in {checkpoint_dir} was trained with {key}="
-                            f"{saved.get(key)!r}, this config says {config.model.get(key)!r}",
-                            "Use the run's original model section, or a new --output folder.")
+                            f"{saved[key]!r}, this config says {now.get(key)!r}",
+                            "Use the run's original model section, or a new --output folder")
 
 
 class TrainLoop:
@@ -239,7 +360,7 @@ class TrainLoop:
         self.flops_per_token = flops_per_token(model_config, counts, config.data.seq_len)
         self.num_moe_layers = len(model_config.moe_layers)
         self.num_experts = model_config.num_experts
-        self.metrics = MetricsWriter(config.run_dir, env.is_main, config.logging.tensorboard)
+        self.metrics: MetricsWriter | None = None  # opened by run(), which knows the step it resumes from
         self.stop = stop or StopRequest()
         self.reset_window()
 
@@ -251,6 +372,8 @@ class TrainLoop:
         config, engine = self.config, self.engine
         max_steps = config.optim.max_steps
         timer = StepTimer()
+        self.metrics = MetricsWriter(config.run_dir, self.env.is_main, config.logging.tensorboard,
+                                     resume_step=start_step)
         progress = None
         if self.env.is_main and config.logging.progress:
             from tqdm import tqdm
@@ -292,6 +415,7 @@ class TrainLoop:
         self.metrics.close()
         stopped = step < max_steps
         summary = {"step": step, "stopped_early": stopped, "requeue": stopped and self.stop.requeue,
+                   "interrupted": stopped and self.stop.interrupted,
                    "valid_loss": last_valid,
                    "valid_ppl": math.exp(last_valid) if last_valid is not None else None,
                    "run_dir": str(config.run_dir), "tensorboard": str(config.run_dir / "tb")}

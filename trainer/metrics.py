@@ -15,19 +15,25 @@ import torch
 class MetricsWriter:
     """Writes only where `enabled` (rank 0); other ranks get a writer that does nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int | None = None):
+        """`resume_step`: the step of the checkpoint training continues from, 0 for a new run, None to append
+        as is. Every row logged after that step by an interrupted run is dropped (from metrics.jsonl, and
+        purged from TensorBoard's view), so no step is ever recorded twice."""
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        # Append: a resumed run continues the same file (rows past the resume step are dropped on resume).
+        if resume_step is not None:
+            # a new run keeps nothing (step 0 is logged again); a resumed one keeps what its checkpoint covers
+            truncate_metrics(run_dir, resume_step if resume_step > 0 else -1)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            purge = None if resume_step is None else resume_step + 1 if resume_step > 0 else 0
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

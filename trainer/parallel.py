@@ -27,6 +27,10 @@ runs of consecutive ranks, so a process's ep-rank is rank % ep_size.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
@@ -120,6 +124,13 @@ class ExpertParallelMoE(MoE):
             for i, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
                 expert.w1.copy_(w1_G[ep_rank * local + i])
                 expert.w2.copy_(w2_G[ep_rank * local + i])
+
+    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        # DeepSpeed prints "No existing process group found, creating a new group named ..." for every layer of
+        # every run (with print, not its logger): kept for --debug only.
+        quiet = os.environ.get("HASHMOE_DEBUG") != "1"
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            super()._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
     def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs):
         gate = self.deepspeed_moe.gate

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from trainer.config import RunConfig, load_config
+from trainer.distributed import tool_command
 from trainer.errors import UserError
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "hashmoe.sbatch"
@@ -115,6 +116,7 @@ class SlurmRequest:
     srun_args: str = ""  # extra srun options, e.g. --container-image=... (pyxis)
     hashmoe: str | None = None  # command that runs hashmoe on the compute nodes
     template: str | None = None
+    allow_config_change: bool = False  # pass --allow-config-change to `hashmoe train` in the job
 
     @property
     def tasks_per_node(self) -> int:
@@ -221,7 +223,8 @@ def render(config: RunConfig, request: SlurmRequest, workdir: Path | None = None
         "workdir": shlex.quote(str(workdir)),
         "site_setup": "\n".join(request.setup) if request.setup else "# (none: pass --setup 'module load ...')",
         "srun_args": request.srun_args.strip(),
-        "train_command": f"{hashmoe} train {shlex.quote(str(snapshot))}",
+        "train_command": f"{hashmoe} train {shlex.quote(str(snapshot))}"
+                         + (" --allow-config-change" if request.allow_config_change else ""),
         "run_dir": shlex.quote(str(run_dir)),
         "world_size": str(request.world_size),
     }
@@ -267,13 +270,13 @@ def submit(job: RenderedJob, run=subprocess.run, environ=None) -> str:
 
 def slurm_command(config_path: str, overrides: list[str], output: str | None, request: SlurmRequest,
                   dry_run: bool) -> int:
-    from trainer.loop import resumable_checkpoint
+    from trainer.loop import plan_run
 
     config = load_config(config_path, overrides, output)  # config errors first, before anything else
     check_request(config, request)
     job = render(config, request)
     # checked now: a run folder trained with another model shape would fail only once the job starts
-    resumes = resumable_checkpoint(config)
+    resumes = plan_run(config, allow_config_change=request.allow_config_change).checkpoint
     if dry_run:
         print(job.script, end="")
         print(f"# hashmoe: dry run, nothing submitted. Would write {job.config_snapshot} (the resolved config) "
@@ -289,6 +292,6 @@ def slurm_command(config_path: str, overrides: list[str], output: str | None, re
           f"run folder {job.run_dir}\n"
           f"  queue:       squeue -j {job_id}\n"
           f"  log:         tail -f {log}   (errors and progress: {job.log_dir / f'{job_id}.err'})\n"
-          f"  TensorBoard: tensorboard --logdir {job.run_dir / 'tb'}\n"
+          f"  TensorBoard: {tool_command('tensorboard')} --logdir {job.run_dir / 'tb'}\n"
           f"  stop:        scancel {job_id}   (checkpoints, then stops; resubmit to continue)", flush=True)
     return 0

@@ -7,6 +7,7 @@ import sys
 import torch
 
 from trainer.config import load_config
+from trainer.distributed import shutdown_distributed
 from trainer.loop import train
 
 
@@ -15,6 +16,7 @@ def main(config_path: str, dump_dir: str) -> None:
         torch.save(engine.module.state_dict(), os.path.join(dump_dir, f"rank_{os.environ['RANK']}.pt"))
 
     train(load_config(config_path), on_finish=dump)
+    shutdown_distributed()  # as the CLI does
 
 
 if __name__ == "__main__":

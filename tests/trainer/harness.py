@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -89,3 +90,22 @@ def train_rows(run_dir: Path) -> dict[int, dict]:
     from trainer.metrics import read_metrics
 
     return {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Path -> sha256 of every file under folder: a run's whole record, byte for byte."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Until the running `process` has logged training step `step` (it must not exit first)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if train_rows(run_dir) and max(train_rows(run_dir)) >= step:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")

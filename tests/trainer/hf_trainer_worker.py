@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from trainer.config import load_config
 from trainer.data import BatchSchedule, prepare_data
+from trainer.distributed import shutdown_distributed
 from trainer.hf import deepspeed_config, shard_experts
 from trainer.loop import build_model
 
@@ -54,10 +55,7 @@ def main(config_path: str, out_path: str) -> None:
         losses = {row["step"]: row["loss"] for row in trainer.state.log_history if "loss" in row}
         with open(out_path, "w") as f:
             json.dump(losses, f)
-    # Leave together and close the gloo groups: a rank exiting while its peer's gloo threads still hold the
-    # connections aborted the peer ("terminate called without an active exception", 1 run in 3 here).
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed()  # without it, a peer aborted at exit about 1 run in 3 (see the function)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,9 @@ def no_spawn(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"launch started processes: {args}")
 
-    monkeypatch.setattr(cli_module.subprocess, "call", refuse)
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
 @pytest.mark.parametrize("argv, key, fragment", [
@@ -183,14 +185,36 @@ def test_launch_refuses_before_starting_processes(no_spawn, capsys, tmp_path, ar
     assert not (tmp_path / "run").exists()
 
 
-def test_launch_passes_the_arguments_to_torchrun(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(cli_module.subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+def test_launch_starts_one_train_process_per_rank(monkeypatch, tmp_path):
+    import subprocess
+
+    started = []
+
+    class Rank:
+        def __init__(self, command, env, start_new_session):
+            started.append((command, env, start_new_session))
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Rank)
     assert cli_module.main(["launch", "recipes/tiny-ep2.yaml", "--nproc", "2", "--set", "optim.max_steps=5",
-                            "--output", str(tmp_path), "--resume"]) == 0
-    (command, env), = calls
-    assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    assert command[5:7] == ["--master_addr", "127.0.0.1"]
-    assert command[command.index("-m", 3):] == ["-m", "trainer.cli", "train", "recipes/tiny-ep2.yaml", "--set",
-                                                "optim.max_steps=5", "--output", str(tmp_path), "--resume"]
-    assert "GLOO_SOCKET_IFNAME" in env
+                            "--output", str(tmp_path), "--resume", "--allow-config-change"]) == 0
+    assert [env["RANK"] for _, env, _ in started] == ["0", "1"]
+    for command, env, new_session in started:
+        assert command == [sys.executable, "-m", "trainer.cli", "train", "recipes/tiny-ep2.yaml", "--set",
+                           "optim.max_steps=5", "--output", str(tmp_path), "--resume", "--allow-config-change"]
+        assert (env["WORLD_SIZE"], env["MASTER_ADDR"], env["GLOO_SOCKET_IFNAME"]) == ("2", "127.0.0.1", "lo")
+        assert new_session  # Ctrl-C reaches the launcher only, which forwards it once to every rank
+    assert started[0][1]["MASTER_PORT"] == started[1][1]["MASTER_PORT"]
+
+
+def test_a_gpu_deepspeed_config_on_a_cpu_machine_is_named(capsys):
+    from trainer.config import load_config
+    from trainer.loop import warn_gpu_config_on_cpu
+
+    warn_gpu_config_on_cpu(load_config("recipes/tiny.yaml", ["parallel.ds_config=zero1_bf16"]))
+    assert "parallel.ds_config=zero1_bf16 is a GPU config (bf16) but no GPU is visible" in capsys.readouterr().err
+    warn_gpu_config_on_cpu(load_config("recipes/tiny.yaml"))
+    assert capsys.readouterr().err == ""

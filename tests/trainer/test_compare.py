@@ -153,6 +153,19 @@ def test_labels_router_only_and_folder_fallback(runs, tmp_path):
     assert list(table(same)) == ["hash", "hash_copy"]
 
 
+def test_labels_by_name_tell_apart_runs_of_one_name(runs, tmp_path):
+    """Two folders of one run.name (a copy trained again elsewhere): the folder is added to the label."""
+    shutil.copytree(runs[1], tmp_path / "a" / "hash")
+    shutil.copytree(runs[1], tmp_path / "b" / "hash-again")
+    text = compare_runs([tmp_path / "a" / "hash", tmp_path / "b" / "hash-again"], tmp_path / "out",
+                        label_by="name").read_text()
+    assert list(table(text)) == ["hash", "hash (hash-again)"]
+    shutil.copytree(runs[1], tmp_path / "c" / "hash")
+    text = compare_runs([tmp_path / "a" / "hash", tmp_path / "c" / "hash"], tmp_path / "out2",
+                        label_by="name").read_text()
+    assert list(table(text)) == [f"hash ({tmp_path / 'a' / 'hash'})", f"hash ({tmp_path / 'c' / 'hash'})"]
+
+
 def test_folder_without_metrics(tmp_path, runs):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -127,6 +127,12 @@ def test_overrides_parse_values_as_yaml():
     assert config.optim.betas == [0.8, 0.9]
 
 
+def test_a_bare_comma_list_of_numbers_is_a_list():
+    config = load_config(TINY, ["model.moe_layers=1,3", "optim.betas=0.8,0.9", "run.name=a,b"])
+    assert config.model["moe_layers"] == [1, 3] and config.optim.betas == [0.8, 0.9]
+    assert config.run.name == "a,b"  # not numbers: the string it says
+
+
 def test_override_creates_missing_sections_and_keys():
     raw = {}
     apply_override(raw, "checkpoint.keep=5")

@@ -94,14 +94,15 @@ def test_same_seed_is_deterministic_and_seed_changes_the_split(tmp_path, corpus)
     assert set(tags(tok_a, a.valid_blocks)) != set(tags(tok_c, c.valid_blocks))
 
 
-def test_txt_files_are_one_document_each_and_parquet_records_too(tmp_path):
+def test_txt_and_md_files_are_one_document_each_and_parquet_records_too(tmp_path):
     docs = make_docs(12, seed=3)
     for i, doc in enumerate(docs[:6]):
-        (tmp_path / f"d{i}.txt").write_text(doc.replace(" ", "\n", 3))  # newlines stay inside the document
+        suffix = ".md" if i % 2 else ".txt"  # notes in markdown are text too
+        (tmp_path / f"d{i}{suffix}").write_text(doc.replace(" ", "\n", 3))  # newlines stay inside the document
     records = datasets.Dataset.from_dict({"body": docs[6:], "n": list(range(6))})
     records.to_parquet(str(tmp_path / "d.parquet"))
-    cfg = files_config(tmp_path, [str(tmp_path / "*.txt"), str(tmp_path / "d.parquet")], text_field="body",
-                       valid_fraction=0.2)
+    cfg = files_config(tmp_path, [str(tmp_path / "*.txt"), str(tmp_path / "*.md"), str(tmp_path / "d.parquet")],
+                       text_field="body", valid_fraction=0.2)
     data = prepare(cfg)
     tok = AutoTokenizer.from_pretrained(data.tokenizer_dir)
     found = tags(tok, data.train_blocks) + tags(tok, data.valid_blocks)
@@ -259,8 +260,8 @@ def test_invalid_settings(tmp_path, corpus, overrides, key):
 
 
 def test_missing_unmatched_and_unsupported_files(tmp_path):
-    (tmp_path / "notes.md").write_text("hello")
-    for files in (["*.nothing"], [str(tmp_path / "none.txt")], [str(tmp_path)], [str(tmp_path / "notes.md")],
+    (tmp_path / "notes.csv").write_text("hello")
+    for files in (["*.nothing"], [str(tmp_path / "none.txt")], [str(tmp_path)], [str(tmp_path / "notes.csv")],
                   [str(tmp_path / "*.nothing")]):
         assert error_key(files_config(tmp_path, files)).key == "data.train_files"
 

@@ -13,7 +13,6 @@ from tests.trainer.harness import (
     train_command,
     train_rows,
     write_config,
-    write_corpus,
 )
 from trainer.dropless import source_to_slot_order
 
@@ -42,12 +41,6 @@ def test_dropless_equals_stock_outputs_and_gradients_on_two_ranks(tmp_path):
     # all-to-all: before the fix in run_local_experts, gloo aborted with a collective size mismatch.
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    return write_corpus(folder), folder / "cache"
-
-
 def test_dropless_training_matches_stock_and_drops_nothing(corpus, tmp_path):
     corpus_file, cache = corpus
     common = dict(parallel__ep_size=2, optim__micro_batch_size=2, optim__max_steps=5, model__router="topk",
@@ -67,5 +60,5 @@ def test_dropless_training_matches_stock_and_drops_nothing(corpus, tmp_path):
     assert files_s == files_d
     dropless["parallel"]["dispatch"] = "stock"
     dropless["optim"]["max_steps"] = 6
-    check(run(train_command(write_config(tmp_path / "dropless.yaml", dropless), 2)))
+    check(run(train_command(write_config(tmp_path / "dropless.yaml", dropless), 2, "--allow-config-change")))
     assert sorted(train_rows(tmp_path / "dropless")) == list(range(1, 7))

@@ -17,28 +17,12 @@ from tests.trainer.harness import (
     run,
     train_command,
     train_rows,
+    wait_for_step,
     write_config,
-    write_corpus,
 )
 from trainer.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow  # multi-process
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    return write_corpus(folder), folder / "cache"
-
-
-def wait_for_step(run_dir, step, process, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if train_rows(run_dir) and max(train_rows(run_dir)) >= step:
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} not reached")
 
 
 COMPARED = ("train/loss", "moe/aux_loss", "moe/dropped_frac", "moe/load_cv", "train/lr")
@@ -88,7 +72,8 @@ def test_resume_at_another_expert_parallel_size_continues_the_same_run(first, se
     check(run(train_command(write_config(tmp_path / "ref.yaml", config(tmp_path / "ref", second, 8)), second[0])))
     run_dir = tmp_path / "run"
     check(run(train_command(write_config(tmp_path / "a.yaml", config(run_dir, first, 4)), first[0])))
-    result = check(run(train_command(write_config(tmp_path / "b.yaml", config(run_dir, second, 8)), second[0])))
+    result = check(run(train_command(write_config(tmp_path / "b.yaml", config(run_dir, second, 8)), second[0],
+                                     "--allow-config-change")))
     assert "at a new layout" in result.stdout and "optimizer moments restored by name" in result.stdout
     rows, ref = train_rows(run_dir), train_rows(tmp_path / "ref")
     assert sorted(rows) == list(range(1, 9))
@@ -149,7 +134,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_usable(corpus, tmp_pat
     assert latest_checkpoint(run_dir).name == "step_4"
 
     config["optim"]["max_steps"] = 6
-    result = check(run(train_command(write_config(path, config), 1)))
+    result = check(run(train_command(write_config(path, config), 1, "--allow-config-change")))
     assert "resuming from" in result.stdout and "step_4" in result.stdout
     assert latest_checkpoint(run_dir).name == "step_6"
     assert not (run_dir / "checkpoints" / ".staging").exists()

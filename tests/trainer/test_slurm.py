@@ -185,9 +185,12 @@ def test_a_run_folder_of_another_model_is_refused_before_submitting(tmp_path, ca
     """The job would resume from the folder's checkpoint: a different model shape fails now, not in the job."""
     run_dir = tmp_path / "runs" / "tiny-ep2"
     (run_dir / "checkpoints" / "step_5").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_5" / "hashmoe_state.json").write_text("{}")
+    (run_dir / "checkpoints" / "step_5" / "hashmoe_state.json").write_text(
+        '{"step": 5, "model_config": {"num_experts": 4}}')
     (run_dir / "checkpoints" / "latest").write_text("step_5")
     (run_dir / "config.yaml").write_text("model:\n  num_experts: 4\n")
     monkeypatch.chdir(tmp_path)
     assert main(["slurm", TINY_EP2, "--gpus-per-node", "2", "--dry-run"]) == 2
-    assert "model.num_experts: the checkpoint in" in capsys.readouterr().err
+    assert "model.num_experts 4 -> 8" in capsys.readouterr().err  # another config than the folder's
+    assert main(["slurm", TINY_EP2, "--gpus-per-node", "2", "--dry-run", "--allow-config-change"]) == 2
+    assert "model.num_experts: the checkpoint in" in capsys.readouterr().err  # and a shape no resume can change

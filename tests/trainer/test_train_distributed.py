@@ -15,7 +15,6 @@ from tests.trainer.harness import (
     train_command,
     train_rows,
     write_config,
-    write_corpus,
 )
 
 pytestmark = pytest.mark.slow
@@ -29,12 +28,6 @@ ROUTERS = {
     "base-staircase": {"model__router": "base",
                        "model__recurrence": {"kind": "staircase", "chunk": 8, "window": 16, "memory": 8}},
 }
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    return write_corpus(folder), folder / "cache"
 
 
 @pytest.mark.parametrize("router", list(ROUTERS))
