@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import portable_optim
+from trainer.distributed import collective_device
 from trainer.errors import UserError
 
 STATE_FILE = "hashmoe_state.json"
@@ -213,7 +214,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _raise_if_any_failed(error: Exception | None, rank: int, staging: Path, root: Path) -> None:
-    failed = torch.tensor([0.0 if error is None else 1.0])
+    failed = torch.tensor([0.0 if error is None else 1.0], device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if not failed.item():

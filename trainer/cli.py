@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK", "0")
         if rank == "0" or not err.all_ranks:
             where = "" if rank == "0" else f" (rank {rank})"
-            print(f"hashmoe: error{where}: {err.key}: {err.problem}. {err.fix}", file=sys.stderr, flush=True)
+            message = f"{err.key}: {err.problem}. {err.fix}"
+            # one line whatever the problem quotes (a YAML parser's or a library's multi-line message)
+            print(f"hashmoe: error{where}: " + " ".join(message.split()), file=sys.stderr, flush=True)
         shutdown_distributed(together=err.all_ranks)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:  # before the trainer's own handler is installed (imports, config, launch)

@@ -128,7 +128,7 @@ def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | N
     try:
         raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(str(path), f"is not valid YAML ({err})", "Fix the YAML syntax.") from None
+        raise UserError(str(path), f"is not valid YAML ({' '.join(str(err).split())})", "Fix the YAML syntax.") from None
     if not isinstance(raw, dict):
         raise UserError(str(path), "must hold a mapping of sections", "Start from a file in recipes/.")
     for item in overrides:

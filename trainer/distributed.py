@@ -1,7 +1,7 @@
 """Process environment, resolved once at start-up: who am I (rank, world size, local rank), where is the
 rendezvous, and which backend. Works with no launcher (one process), torchrun, the deepspeed launcher,
 `hashmoe launch`, mpirun (OpenMPI variables) and srun (Slurm variables; the rendezvous is derived from the
-allocation by trainer.slurm.rendezvous)."""
+allocation by trainer.slurm_env.rendezvous)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def resolve_env(environ=os.environ) -> ProcessEnv:
         environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
         environ.setdefault("LOCAL_WORLD_SIZE", environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
         if "MASTER_ADDR" not in environ or "MASTER_PORT" not in environ:
-            from trainer.slurm import rendezvous
+            from trainer.slurm_env import rendezvous
 
             addr, port = rendezvous(environ)
             environ.setdefault("MASTER_ADDR", addr)
@@ -112,6 +112,15 @@ def init_distributed(env: ProcessEnv) -> str:
     backend = "nccl" if use_cuda else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return backend
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must live to be all-reduced: the rank's GPU under NCCL, the CPU under gloo."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def shutdown_distributed(together: bool = True) -> None:

@@ -71,7 +71,7 @@ def dropless_moe(x_TD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torch.Ten
         send_splits = tokens_per_slot_G.view(ep_size, local_slots).sum(1).tolist()
         recv_splits = counts_from_PL.sum(1).tolist()
         x_RD = timer.call(UnevenAllToAll.apply, x_AD, send_splits, recv_splits, group)  # step 3
-        by_slot_R = source_to_slot_order(counts_from_PL)  # step 4
+        by_slot_R = source_to_slot_order(counts_from_PL, sum(recv_splits))  # step 4
         y_RD = torch.empty_like(x_RD)
         y_RD[by_slot_R] = run_local_experts(x_RD[by_slot_R], counts_from_PL.sum(0).tolist(), local_experts)
         y_AD = timer.call(UnevenAllToAll.apply, y_RD, recv_splits, send_splits, group)  # step 5
@@ -79,13 +79,19 @@ def dropless_moe(x_TD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torch.Ten
     return combine_routes(y_AD, order_A, *slot_TK.shape)
 
 
-def source_to_slot_order(counts_from_PL: torch.Tensor) -> torch.Tensor:
-    """Indices that reorder rows laid out (source rank, local slot) into (local slot, source rank)."""
-    ep_size, local_slots = counts_from_PL.shape
-    start_PL = (torch.cumsum(counts_from_PL.reshape(-1), 0) - counts_from_PL.reshape(-1)).view(ep_size, local_slots)
-    pieces = [torch.arange(int(start_PL[p, s]), int(start_PL[p, s] + counts_from_PL[p, s]))
-              for s in range(local_slots) for p in range(ep_size)]
-    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+def source_to_slot_order(counts_from_PL: torch.Tensor, total_rows: int | None = None) -> torch.Tensor:
+    """Indices that reorder rows laid out (source rank, local slot) into (local slot, source rank).
+    `total_rows` (the sum of the counts, known on the host from the split sizes) spares a device sync."""
+    # Vectorised (no per-piece host read): every row's offset within its (rank, slot) piece, plus where that
+    # piece starts in the arriving layout, visited in (slot, rank) order.
+    counts_SP = counts_from_PL.t().reshape(-1)  # pieces in the order wanted
+    start_PL = torch.cumsum(counts_from_PL.reshape(-1), 0) - counts_from_PL.reshape(-1)
+    start_SP = start_PL.view(counts_from_PL.shape).t().reshape(-1)
+    piece_R = torch.repeat_interleave(torch.arange(counts_SP.numel(), device=counts_SP.device), counts_SP,
+                                      output_size=total_rows)
+    first_row = torch.cumsum(counts_SP, 0) - counts_SP
+    offset_R = torch.arange(piece_R.numel(), device=counts_SP.device) - first_row[piece_R]
+    return start_SP[piece_R] + offset_R
 
 
 def run_local_experts(x_ND: torch.Tensor, counts_L: list[int], local_experts) -> torch.Tensor:

@@ -26,7 +26,7 @@ from trainer.config import (
     save_resolved,
 )
 from trainer.data import BatchSchedule, PreparedData, prepare_data, valid_shard
-from trainer.distributed import ProcessEnv, init_distributed, resolve_env
+from trainer.distributed import ProcessEnv, collective_device, init_distributed, resolve_env
 from trainer.errors import UserError
 from trainer.metrics import MetricsWriter, StepTimer, load_cv, read_metrics
 from trainer.tasks import answer_errors
@@ -163,10 +163,10 @@ class StopRequest:
     def agreed(self) -> bool:
         """Collective: every rank learns which signals any rank received; all stop at the same step."""
         # A copy: the handler may fire during the all_reduce, and every rank must decide on the same values.
-        flags = self.received.clone()
+        flags = self.received.clone().to(collective_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.agreed_flags = flags
-        return bool(flags.any())
+        self.agreed_flags = flags.cpu()  # one small read per step: every rank must decide on the same values
+        return bool(self.agreed_flags.any())
 
     @property
     def requeue(self) -> bool:
@@ -305,7 +305,7 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
         if env.is_main:  # now: a requeue ends the job at once
             print(stopped_line(summary), flush=True)
         if requeue:
-            from trainer.slurm import requeue_job
+            from trainer.slurm_env import requeue_job
 
             dist.barrier()  # every rank is done writing
             if env.is_main:
@@ -365,8 +365,11 @@ class TrainLoop:
         self.reset_window()
 
     def reset_window(self):
-        self.sums = torch.zeros(5, dtype=torch.float64)  # lm loss, aux loss, dropped, routes, micro steps
-        self.load = torch.zeros(self.num_moe_layers, self.num_experts, dtype=torch.float64)
+        # On the model's device: a micro-step adds to them without reading anything back to the host (a GPU would
+        # stall on every .item()); window_metrics reads them once per logging step.
+        device = self.engine.device
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm loss, aux loss, dropped, routes, micro steps
+        self.load = torch.zeros(self.num_moe_layers, self.num_experts, dtype=torch.float64, device=device)
 
     def run(self, start_step: int) -> dict:
         config, engine = self.config, self.engine
@@ -439,17 +442,19 @@ class TrainLoop:
             out = engine(micro, labels=micro_labels, use_cache=False)
             engine.backward(out.loss)
             engine.step()
-            routes = sum(load.sum() for load in out.expert_load) + out.dropped_tokens
-            self.sums += torch.tensor([out.lm_loss.item(), out.aux_loss.item(), float(out.dropped_tokens),
-                                       float(routes), 1.0], dtype=torch.float64)
+            dropped = torch.as_tensor(out.dropped_tokens, device=self.sums.device)
+            routes = sum((load.sum() for load in out.expert_load), dropped)
+            self.sums += torch.stack([t.detach().to(self.sums.device, torch.float64) for t in
+                                      (out.lm_loss, out.aux_loss, dropped, routes, torch.ones((), device=dropped.device))])
             for i, load in enumerate(out.expert_load):
-                self.load[i] += load.double()
+                self.load[i] += load.detach().to(self.load.device, torch.float64)
 
     def window_metrics(self, step: int, seconds: float, steps: int) -> dict:
         sums = self.sums.clone()
         dist.all_reduce(sums)
         load = self.load.clone()
         dist.all_reduce(load)
+        sums, load = sums.cpu(), load.cpu()  # the window's one read-back
         lm_loss = (sums[0] / sums[4]).item()
         row = {"train/loss": lm_loss, "train/ppl": math.exp(min(lm_loss, 50.0)),
                "train/updates_per_sec": steps / seconds if seconds > 0 else float("nan"),
@@ -510,7 +515,9 @@ class TrainLoop:
             totals[:2] += torch.tensor([losses[scored].sum().item(), float(scored.sum())], dtype=torch.float64)
             if task:
                 totals[2:] += answer_errors(logits[mask], target[mask], units[part][mask])
+        totals = totals.to(engine.device)  # NCCL reduces device tensors only
         dist.all_reduce(totals)
+        totals = totals.cpu()
         engine.train()
         valid_loss = (totals[0] / totals[1]).item()
         row = {"valid/loss": valid_loss, "valid/ppl": math.exp(min(valid_loss, 50.0))}

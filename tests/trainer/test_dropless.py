@@ -23,6 +23,13 @@ def test_source_to_slot_order_regroups_rows_by_local_slot():
     # rows arrive as (rank 0: slot0 x2, slot1 x1), (rank 1: slot0 x1, slot1 x3)
     counts = torch.tensor([[2, 1], [1, 3]])
     assert source_to_slot_order(counts).tolist() == [0, 1, 3, 2, 4, 5, 6]
+    assert source_to_slot_order(counts, 7).tolist() == [0, 1, 3, 2, 4, 5, 6]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):  # empty pieces, empty ranks, nothing at all: against the piece-by-piece definition
+        counts = torch.randint(0, 4, (3, 4), generator=generator) * torch.randint(0, 2, (3, 1), generator=generator)
+        start = (torch.cumsum(counts.flatten(), 0) - counts.flatten()).view(3, 4)
+        naive = [i for s in range(4) for p in range(3) for i in range(start[p, s], start[p, s] + counts[p, s])]
+        assert source_to_slot_order(counts, int(counts.sum())).tolist() == naive
 
 
 def test_dropless_equals_stock_outputs_and_gradients_on_two_ranks(tmp_path):

@@ -12,7 +12,8 @@ from trainer.cli import main
 from trainer.config import load_config
 from trainer.distributed import resolve_env
 from trainer.errors import UserError
-from trainer.slurm import SlurmRequest, check_request, master_port, render, rendezvous, time_limit_seconds
+from trainer.slurm import SlurmRequest, check_request, render, time_limit_seconds
+from trainer.slurm_env import master_port, rendezvous
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_EP2 = str(ROOT / "recipes" / "tiny-ep2.yaml")
@@ -172,7 +173,7 @@ def test_srun_ranks_get_rank_world_size_and_rendezvous_from_slurm(tmp_path, monk
 
 
 def test_requeue_failure_is_a_warning_not_a_crash(capsys):
-    from trainer.slurm import requeue_job
+    from trainer.slurm_env import requeue_job
 
     def refused(command, **kwargs):
         return subprocess.CompletedProcess(command, 1, "", "Requested operation is presently disabled")
