@@ -29,6 +29,7 @@ import torch.distributed as dist
 from trainer import portable_optim
 from trainer.distributed import collective_device
 from trainer.errors import UserError
+from trainer.fileio import write_text_atomic
 
 STATE_FILE = "hashmoe_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -182,7 +183,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict, keep: int, ra
     if rank == 0:
         try:
             entries = {name: entry for share in shares for name, entry in share.items()}
-            _write_atomic(staging / tag / MANIFEST_FILE, json.dumps({"files": dict(sorted(entries.items()))}, indent=1))
+            write_text_atomic(staging / tag / MANIFEST_FILE, json.dumps({"files": dict(sorted(entries.items()))}, indent=1))
         except OSError as err:
             error = err
     _raise_if_any_failed(error, rank, staging, root)
@@ -191,7 +192,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict, keep: int, ra
         if final.exists():  # the same step saved again after a fallback: keep the old folder, aside
             final.rename(_aside(final))
         os.replace(staging / tag, final)
-        _write_atomic(root / "latest", tag)
+        write_text_atomic(root / "latest", tag)
         shutil.rmtree(staging, ignore_errors=True)
         prune(root, keep, step)
     _barrier()
@@ -205,12 +206,6 @@ def _aside(path: Path) -> Path:
         n += 1
         target = path.with_name(f"{path.name}.damaged{n}")
     return target
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _raise_if_any_failed(error: Exception | None, rank: int, staging: Path, root: Path) -> None:

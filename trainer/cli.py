@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from trainer import __version__
-from trainer.errors import EXIT_USER_ERROR, UserError
+from trainer.errors import EXIT_USER_ERROR, UserError, debug_enabled
 
 DESCRIPTION = """\
 hashmoe trains Mixture-of-Experts language models (Hash, Switch, BASE, top-k routing) next to dense
@@ -300,10 +300,6 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("HASHMOE_DEBUG") == "1"
 
 
 def quiet_deepspeed() -> None:

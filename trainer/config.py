@@ -14,7 +14,9 @@ here, naming the key, before any process group starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ import yaml
 from trainer.data import DataConfig
 from trainer.data import _validate as _validate_data
 from trainer.errors import UserError
+from trainer.fileio import write_text_atomic
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 # Model fields the trainer sets itself (from the tokenizer): the fix to give when a config sets one.
@@ -292,9 +295,7 @@ def resolve_ds_config_path(name: str) -> Path:
 def save_resolved(config: RunConfig, run_dir: Path) -> None:
     """RUN_DIR/config.yaml: written when training starts from it, never by a run that does not train."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # ---- reruns into an existing run folder ----------------------------------------------------------------
@@ -337,9 +338,6 @@ def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
 def record_changes(run_dir: Path, changes: list[tuple[str, Any, Any]], step: int) -> None:
     """Append the changes, with the step they apply from, to RUN_DIR/config_changes.jsonl (the model card
     lists them)."""
-    import json
-    import time
-
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with open(Path(run_dir) / CHANGES_FILE, "a") as f:
         for key, old, new in changes:
@@ -347,8 +345,6 @@ def record_changes(run_dir: Path, changes: list[tuple[str, Any, Any]], step: int
 
 
 def read_changes(run_dir: Path) -> list[dict]:
-    import json
-
     path = Path(run_dir) / CHANGES_FILE
     if not path.is_file():
         return []

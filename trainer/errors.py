@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class UserError(Exception):
     """`key` is the config key, file or option at fault (e.g. "parallel.ep_size", "data.train_files")."""
@@ -13,3 +15,8 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def debug_enabled() -> bool:
+    """`hashmoe --debug`: tracebacks and DeepSpeed's own messages (inherited by the ranks `hashmoe launch` starts)."""
+    return os.environ.get("HASHMOE_DEBUG") == "1"

@@ -16,6 +16,7 @@ import sys
 import time
 
 from trainer.distributed import free_port
+from trainer.errors import EXIT_USER_ERROR
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 GRACE_SECONDS = 10.0  # after one rank failed: time for the others to fail on their own before being killed
@@ -69,9 +70,9 @@ def _wait(ranks: list[subprocess.Popen]) -> int:
             return EXIT_INTERRUPTED
         first_failure = bad[0]
     rank, code = first_failure
-    if code != 2:  # 2: a configuration or data error, already printed by the rank in one line
+    if code != EXIT_USER_ERROR:  # a configuration or data error: already printed by the rank, in one line
         how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        others = [r for r, c in enumerate(codes) if r != rank and c not in (0, EXIT_INTERRUPTED, 2)]
+        others = [r for r, c in enumerate(codes) if r != rank and c not in (0, EXIT_INTERRUPTED, EXIT_USER_ERROR)]
         print(f"hashmoe launch: rank {rank} {how} (its output is above)"
               + (f"; stopped ranks {', '.join(map(str, others))}" if others else ""), file=sys.stderr, flush=True)
     return code if code > 0 else 1

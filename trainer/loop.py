@@ -183,10 +183,14 @@ class RunPlan:
     """What a (re)run of a run folder will do, decided before anything is written."""
 
     checkpoint: Path | None = None  # resume from here; None: a new run
-    start_step: int = 0
+    state: dict = field(default_factory=dict)  # its hashmoe_state.json (step, layout, model config)
     warnings: list[str] = field(default_factory=list)  # damaged checkpoints skipped, a corrupt `latest`
     changes: list = field(default_factory=list)  # (key, old, new) accepted with --allow-config-change
     finished: dict | None = None  # the run already reached max_steps: its summary; nothing to do
+
+    @property
+    def start_step(self) -> int:
+        return self.state.get("step", 0)
 
 
 def plan_run(config: RunConfig, resume: bool = False, allow_config_change: bool = False) -> RunPlan:
@@ -204,11 +208,11 @@ def plan_run(config: RunConfig, resume: bool = False, allow_config_change: bool 
                         f"values ({describe_changes(changes)})", "Train into a new folder with --output DIR, or "
                         "continue this run with the new values: add --allow-config-change (the change and the step "
                         f"it starts at are recorded in {run_dir / CHANGES_FILE} and the model card)")
-    check_resumable(config, previous)
-    step = ckpt.read_state(previous)["step"]
-    plan = RunPlan(previous, step, warnings, changes)
-    if step >= config.optim.max_steps:
-        plan.finished = finished_summary(config, step)
+    state = ckpt.read_state(previous)
+    check_resumable(config, previous, state.get("model_config", {}))
+    plan = RunPlan(previous, state, warnings, changes)
+    if plan.start_step >= config.optim.max_steps:
+        plan.finished = finished_summary(config, plan.start_step)
     return plan
 
 
@@ -279,8 +283,7 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
 
     start_step = plan.start_step
     if plan.checkpoint is not None:
-        previous = plan.checkpoint
-        state = ckpt.read_state(previous)
+        previous, state = plan.checkpoint, plan.state
         same_layout = state["world_size"] == env.world_size and state["ep_size"] == config.parallel.ep_size
         moments = ckpt.load_checkpoint(engine, previous, env.rank, same_layout)
         if env.is_main:
@@ -333,12 +336,12 @@ def warn_gpu_config_on_cpu(config: RunConfig) -> None:
               file=sys.stderr, flush=True)
 
 
-def check_resumable(config: RunConfig, checkpoint_dir: Path) -> None:
-    """A checkpoint of another model shape cannot be resumed: say which field differs."""
+def check_resumable(config: RunConfig, checkpoint_dir: Path, saved: dict) -> None:
+    """A checkpoint of another model shape (`saved`: the model config it recorded) cannot be resumed: say which
+    field differs."""
     from models import HashMoEConfig
     from trainer.config import model_config_fields
 
-    saved = ckpt.read_state(checkpoint_dir).get("model_config", {})
     now = HashMoEConfig(**model_config_fields(config.model), vocab_size=config.data.vocab_size).to_dict()
     for key in ("num_experts", "moe_layers", "hidden_size", "num_hidden_layers", "router", "hash_heads",
                 "expert_intermediate_size", "intermediate_size", "recurrence", "frozen_ffn_size", "ffn_linear"):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.fileio import write_text_atomic
+
 
 class MetricsWriter:
     """Writes only where `enabled` (rank 0); other ranks get a writer that does nothing."""
@@ -25,15 +27,17 @@ class MetricsWriter:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            # a new run keeps nothing (step 0 is logged again); a resumed one keeps what its checkpoint covers
-            truncate_metrics(run_dir, resume_step if resume_step > 0 else -1)
+        # the last step kept: a new run keeps nothing (step 0 is logged again), a resumed one what its
+        # checkpoint covers
+        kept_through = None if resume_step is None else resume_step if resume_step > 0 else -1
+        if kept_through is not None:
+            truncate_metrics(run_dir, kept_through)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = None if resume_step is None else resume_step + 1 if resume_step > 0 else 0
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge)
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"),
+                                    purge_step=None if kept_through is None else kept_through + 1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -92,9 +96,7 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if path.exists():
         kept = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class StepTimer:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 
 import torch
 import torch.distributed as dist
@@ -41,6 +40,7 @@ from models.experts import ACTIVATIONS, assignment_slots
 from models.modeling_hashmoe import HashMoEForCausalLM, HashMoESparseMLP, moe_layer_stats
 from models.routing import BaseRouter, RoutingInputs
 from trainer.dropless import CommTimer, dropless_moe
+from trainer.errors import debug_enabled
 
 
 class ExpertFFN(nn.Module):
@@ -128,8 +128,7 @@ class ExpertParallelMoE(MoE):
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
         # DeepSpeed prints "No existing process group found, creating a new group named ..." for every layer of
         # every run (with print, not its logger): kept for --debug only.
-        quiet = os.environ.get("HASHMOE_DEBUG") != "1"
-        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        with contextlib.nullcontext() if debug_enabled() else contextlib.redirect_stdout(io.StringIO()):
             super()._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
     def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs):
