@@ -45,6 +45,8 @@ def parse_args(suite: str, argv: list[str] | None) -> argparse.Namespace:
                         help="tiny sizes and few steps (a smoke run); implies --no-write")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not touch BENCHMARKS.md")
     parser.add_argument("--command", help="command line to record (default: this module's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (the layer suite)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="fp32 (default) or bf16")
     args = parser.parse_args(argv)
     if args.command is None:
         args.command = " ".join(["python -m", f"benchmarks.{suite}", *(argv if argv is not None else sys.argv[1:])])

@@ -39,6 +39,8 @@ ZIPF_SHIFT = 2.7
 FULL = dict(d_model=512, d_ff=2048, batch=8, seq=256, experts=(8, 16, 64), steps=20, warmup=3, profile_steps=3)
 QUICK = dict(d_model=64, d_ff=256, batch=4, seq=32, experts=(8,), steps=3, warmup=1, profile_steps=1)
 PROFILE_EXPERTS = 16
+# Where the layers run: CPU fp32 by default; benchmarks/gpu_check.sh runs the suite with --device cuda --dtype bf16.
+PLACE = {"device": torch.device("cpu"), "dtype": torch.float32}
 
 # Profiler self-time categories, first match wins: (label, pattern on the op name).
 CATEGORIES: list[tuple[str, re.Pattern]] = [(label, re.compile(pattern)) for label, pattern in [
@@ -82,9 +84,9 @@ class Bench:
         sample = torch.multinomial(probs, 1_000_000, replacement=True, generator=gen)
         self.token_counts = torch.bincount(sample, minlength=VOCAB)
         positions = torch.arange(S).expand(B, S)
-        self.routing = routing_inputs(self.input_ids, positions, VOCAB)
-        self.x = torch.randn(B, S, D, generator=gen).requires_grad_()
-        self.g = torch.randn(B, S, D, generator=gen)
+        self.routing = routing_inputs(self.input_ids.to(PLACE["device"]), positions.to(PLACE["device"]), VOCAB)
+        self.x = torch.randn(B, S, D, generator=gen).to(**PLACE).requires_grad_()
+        self.g = torch.randn(B, S, D, generator=gen).to(**PLACE)
 
     def config(self, experts: int, router: str | None, **extra):
         from models import HashMoEConfig
@@ -103,7 +105,7 @@ class Bench:
         model = HashMoEForCausalLM(self.config(experts, router, **extra)).train()
         if router == "hash":
             model.fit_hash_tables(token_counts=self.token_counts)
-        return model
+        return model.to(**PLACE)
 
     def make_step(self, mlp: torch.nn.Module, stock_deepspeed: bool = False):
         """A fwd + bwd step of `mlp` on x with upstream gradient g (the aux loss, if any, backpropagated
@@ -135,6 +137,8 @@ class Bench:
                 tensors.append(aux)
                 grads.append(None)
             torch.autograd.backward(tensors, grads)
+            if x.is_cuda:  # the timer reads the host clock: wait for the kernels
+                torch.cuda.synchronize()
 
         def dropped_frac() -> float | None:
             return None if not routes else float(sum(int(d) for d in dropped)) / sum(routes)
@@ -153,24 +157,30 @@ def deepspeed_stock_moe(sizes: dict, experts: int):
     selection, min capacity 4) around the same expert FFN (D -> F -> D, GELU, no bias)."""
     from deepspeed.moe.layer import MoE
 
-    from trainer.parallel import ExpertFFN
+    from benchmarks.stock_moe import ExpertFFN
 
     torch.manual_seed(2)
     expert = ExpertFFN(sizes["d_model"], sizes["d_ff"], "gelu")
     torch.nn.init.normal_(expert.w1, std=0.02)
     torch.nn.init.normal_(expert.w2, std=0.02 / math.sqrt(2))
     moe = MoE(hidden_size=sizes["d_model"], expert=expert, num_experts=experts, ep_size=1, k=1,
-              capacity_factor=1.0, eval_capacity_factor=1.0).train()
+              capacity_factor=1.0, eval_capacity_factor=1.0).train().to(**PLACE)
     moe.set_deepspeed_parallelism()
     return moe
 
 
-def hashmoe_on_deepspeed(bench: Bench, experts: int, dispatch: str):
-    """trainer.parallel.parallelize on a 1-layer model: ExpertParallelMoE at ep_size 1, hash routing."""
+def hashmoe_on_deepspeed(bench: Bench, experts: int, stock: bool):
+    """A 1-layer model's MoE FFN on DeepSpeed at ep_size 1, hash routing: through hashmoe's dispatcher
+    (trainer.parallel.parallelize, as training runs it) or through DeepSpeed's stock MOELayer dispatch
+    (benchmarks/stock_moe.py, the same routing)."""
+    from benchmarks.stock_moe import StockMoE
     from trainer.parallel import parallelize
 
     model = bench.model_mlp(experts, "hash")
-    parallelize(model, ep_size=1, rank=0, dispatch=dispatch)
+    if stock:
+        model.model.layers[0].mlp = StockMoE(model.model.layers[0].mlp, model.config.hidden_act)
+    else:
+        parallelize(model, ep_size=1, rank=0)
     mlp = model.model.layers[0].mlp
     mlp.set_deepspeed_parallelism()  # deepspeed.initialize would do this; groups of a 1-rank world
     return model, mlp
@@ -198,8 +208,9 @@ def measure(bench: Bench, experts: int, profiled: dict | None, rounds: QuietRoun
         (HASHMOE, "topk (k=2, capacity 1.0)", lambda: sparse("topk", num_experts_per_tok=2, capacity_factor=1.0),
          False),
         (DEEPSPEED, "TopKGate (k=1, capacity 1.0)", ds_stock, True),
-        (EP_STOCK, "hash (balanced)", lambda: hashmoe_on_deepspeed(bench, experts, "stock"), False),
-        (EP_DROPLESS, "hash (balanced)", lambda: hashmoe_on_deepspeed(bench, experts, "dropless"), False),
+        (HASHMOE_GROUPED, "hash (balanced)", lambda: sparse("hash", experts_implementation="grouped_mm"), False),
+        (EP_STOCK, "hash (balanced)", lambda: hashmoe_on_deepspeed(bench, experts, True), False),
+        (EP_OURS, "hash (balanced)", lambda: hashmoe_on_deepspeed(bench, experts, False), False),
     ]
     layers = []
     for label, router, build, stock in builders:
@@ -235,9 +246,52 @@ def measure(bench: Bench, experts: int, profiled: dict | None, rounds: QuietRoun
 DENSE = "dense FFN (HashMoEMLP)"
 HASHMOE = "hashmoe MoE (HashMoESparseMLP)"
 DEEPSPEED = "DeepSpeed MoE (deepspeed.moe.layer.MoE)"
-EP_STOCK = "hashmoe on DeepSpeed, dispatch stock"
-EP_DROPLESS = "hashmoe on DeepSpeed, dispatch dropless"
+HASHMOE_GROUPED = "hashmoe MoE, experts_implementation grouped_mm"
+EP_STOCK = "DeepSpeed stock MOELayer dispatch, hashmoe router"
+EP_OURS = "hashmoe on DeepSpeed (ExpertParallelMoE, ep_size 1)"
 PROFILED = {(DENSE, "-"), (HASHMOE, "hash (balanced)")}
+
+
+def gemm_floor(bench: Bench, experts: int, rounds: QuietRounds) -> tuple[float, float]:
+    """(ms of the six GEMMs of a fwd+bwd step run per expert on the hash routing's slices, ms of the same six
+    GEMMs as one dense matmul each): what the matrix library alone charges for splitting the tokens."""
+    s = bench.sizes
+    T, D, F = s["batch"] * s["seq"], s["d_model"], s["d_ff"]
+    model = bench.model_mlp(experts, "hash")
+    mlp = model.model.layers[0].mlp
+    x_TD = bench.x.detach().reshape(T, D)
+    index = mlp.router(x_TD, bench.routing).expert_index_TK[:, 0]
+    counts = torch.bincount(index, minlength=experts).tolist()
+    place = dict(device=x_TD.device, dtype=x_TD.dtype)
+    x, gy = torch.randn(T, D, **place), torch.randn(T, D, **place)
+    h, gh = torch.randn(T, F, **place), torch.randn(T, F, **place)
+    w1, w2 = torch.randn(experts, F, D, **place), torch.randn(experts, D, F, **place)
+    bounds = [(sum(counts[:e]), sum(counts[:e + 1])) for e in range(experts)]
+
+    def per_expert():
+        for e, (a, b) in enumerate(bounds):
+            for out in (x[a:b] @ w1[e].t(), h[a:b] @ w2[e].t(), gy[a:b] @ w2[e], gy[a:b].t() @ h[a:b],
+                        gh[a:b] @ w1[e], gh[a:b].t() @ x[a:b]):
+                del out
+
+    def dense():
+        for out in (x @ w1[0].t(), h @ w2[0].t(), gy @ w2[0], gy.t() @ h, gh @ w1[0], gh.t() @ x):
+            del out
+
+    timings = {per_expert: Timing(), dense: Timing()}
+
+    def one_round():
+        elapsed = []
+        for fn in timings:
+            start = time.perf_counter()
+            fn()
+            elapsed.append(time.perf_counter() - start)
+        return elapsed
+
+    for times in rounds.run(one_round, s["warmup"] + s["steps"])[s["warmup"]:]:
+        for timing, seconds in zip(timings.values(), times):
+            timing.seconds.append(seconds)
+    return timings[per_expert].median_ms, timings[dense].median_ms
 
 
 # ---- profile --------------------------------------------------------------------------------------------
@@ -314,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init_distributed(resolve_env())  # a 1-rank gloo group, as `hashmoe train` starts alone
     torch.set_num_threads(2)
+    PLACE.update(device=torch.device(args.device), dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
@@ -342,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.command, load)
     report.tables.append(
         f"d_model {sizes['d_model']}, d_ff {sizes['d_ff']} (dense and each expert), {T} tokens "
-        f"({sizes['batch']}x{sizes['seq']}), fp32, CPU, torch threads {torch.get_num_threads()}; median of "
+        f"({sizes['batch']}x{sizes['seq']}), {args.dtype}, {args.device}, torch threads {torch.get_num_threads()}; median of "
         f"{sizes['steps']} steps after {sizes['warmup']} warm-up; ratio = ms / dense FFN ms of the same E group "
         "(layers of one E group are timed round-robin, one step of each per round, so they share the machine's state).\n\n"
         + markdown_table(["layer", "E", "router", "ms (median)", "ratio vs dense", "dropped frac"], table_rows))
@@ -352,16 +407,40 @@ def main(argv: list[str] | None = None) -> int:
 
     e_cmp = profile_experts
     ours, ds = find(HASHMOE, "hash (balanced)", e_cmp), find(DEEPSPEED, "TopKGate (k=1, capacity 1.0)", e_cmp)
-    ep_stock = find(EP_STOCK, "hash (balanced)", e_cmp)
+    ep_stock, ep_ours = find(EP_STOCK, "hash (balanced)", e_cmp), find(EP_OURS, "hash (balanced)", e_cmp)
+    grouped = find(HASHMOE_GROUPED, "hash (balanced)", e_cmp)
     report.notes.append(
         f"hashmoe hash (E={e_cmp}) vs DeepSpeed stock MoE (E={e_cmp}): {ds.timing.median_ms / ours.timing.median_ms:.2f}x "
         f"faster ({ours.timing.median_ms:.1f} ms vs {ds.timing.median_ms:.1f} ms; DeepSpeed's layer runs its own "
         f"TopKGate and drops {ds.dropped_frac:.1%} of the tokens at capacity 1.0).")
     report.notes.append(
-        f"Same hash routing through DeepSpeed's MOELayer (ExpertParallelMoE, dispatch stock, ep_size 1) vs "
-        f"hashmoe's local dispatch (E={e_cmp}): hashmoe {ep_stock.timing.median_ms / ours.timing.median_ms:.2f}x "
-        f"faster ({ours.timing.median_ms:.1f} ms vs {ep_stock.timing.median_ms:.1f} ms); the stock path pads every "
-        "expert to the busiest expert's load.")
+        f"torch._grouped_mm vs the per-expert loop (E={e_cmp}, same layer; the hashmoe MoE rows use the default, "
+        f"which is the loop on CPU and grouped_mm on CUDA): grouped_mm takes {grouped.timing.median_ms:.1f} ms, "
+        f"the loop {ours.timing.median_ms:.1f} ms ({grouped.timing.median_ms / ours.timing.median_ms:.2f}x).")
+    if args.device == "cpu":
+        split_ms, whole_ms = gemm_floor(bench, e_cmp, rounds)
+        report.notes.append(
+            f"Where the time goes (E={e_cmp}): the six GEMMs of a step alone, on the hash routing's per-expert slices "
+            f"(about {T // e_cmp} rows each), take {split_ms:.1f} ms against {whole_ms:.1f} ms as one dense GEMM "
+            f"each: {split_ms / whole_ms:.2f}x before any dispatch cost (the matrix library's speed on short "
+            "matrices), against the layer's ratio above.")
+    if not args.quick and args.device == "cpu":
+        targets = []
+        for experts, limit in ((16, 1.12), (64, 1.6)):
+            row = find(HASHMOE, "hash (balanced)", experts)
+            ratio = row.timing.median_ms / dense_ms[experts]
+            targets.append([f"MoE layer (hash) / dense at E={experts}", f"<= {limit:.2f}x", f"{ratio:.2f}x",
+                            "met" if ratio <= limit else "not met"])
+        speedup = ep_stock.timing.median_ms / ep_ours.timing.median_ms
+        targets.append([f"hashmoe dispatcher vs DeepSpeed's stock MOELayer dispatch, same hash routing, E={e_cmp}",
+                        ">= 1.30x faster", f"{speedup:.2f}x", "met" if speedup >= 1.3 else "not met"])
+        report.tables.append("Issue 14 targets (CPU):\n\n" + markdown_table(["target", "wanted", "measured", ""],
+                                                                            targets))
+    report.notes.append(
+        f"Same hash routing through DeepSpeed's stock MOELayer dispatch (padded to the busiest slot, per-expert "
+        f"modules) vs hashmoe's dispatcher, both as DeepSpeed MoE layers at ep_size 1 (E={e_cmp}): hashmoe "
+        f"{ep_stock.timing.median_ms / ep_ours.timing.median_ms:.2f}x faster ({ep_ours.timing.median_ms:.1f} ms vs "
+        f"{ep_stock.timing.median_ms:.1f} ms).")
     worst = max(rows, key=lambda r: r.timing.iqr_ms / r.timing.median_ms)
     report.notes.append(
         f"Noise: the widest spread was {worst.layer} / {worst.router} at E={worst.experts}: IQR "
@@ -371,7 +450,15 @@ def main(argv: list[str] | None = None) -> int:
         "topk (k=2) sends every token to two experts: twice the active expert FLOPs of the other rows, so its "
         "ratio is not comparable to the 1.0x dense reference of equal active size. hash with capacity_factor "
         "None is the same computation as hash (the hash router never drops): the two rows show run-to-run noise.")
-    profile_section(profiled, sizes["profile_steps"], profile_experts, report)
+    if args.device == "cpu":
+        profile_section(profiled, sizes["profile_steps"], profile_experts, report)
+    else:
+        row = find(HASHMOE, "hash (balanced)", 16) or ours
+        ratio = row.timing.median_ms / dense_ms[row.experts]
+        report.tables.append(f"Issue 14 target ({args.device}, {args.dtype}):\n\n" + markdown_table(
+            ["target", "wanted", "measured", ""],
+            [[f"MoE layer (hash) / dense at E={row.experts}", "<= 1.15x", f"{ratio:.2f}x",
+              "met" if ratio <= 1.15 else "not met"]]))
     report.emit(args.write)
     import torch.distributed as dist
 

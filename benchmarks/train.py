@@ -6,12 +6,13 @@ Each run is `python -m torch.distributed.run --nproc_per_node 2 ... -m trainer.c
 default corpus (Shakespeare, 4096-token BPE, prepared once into data_cache/), with a small model: d 128,
 4 layers, MoE FFN in layers 1 and 3 with 8 experts, seq_len 128, micro batch 8 per rank, 40 steps, metrics
 every 10 steps, evaluation and checkpoint only at the end (both excluded from the trainer's timer). MoE
-runs use ep_size 2 with dispatch `stock` (DeepSpeed's MOELayer) and `dropless` (trainer/dropless.py); the
-dense model runs data-parallel (ep_size 1). hash and topk run with capacity_factor null (no capacity);
+runs use ep_size 2 (the dispatcher with its all-to-all exchange); the dense model runs data-parallel
+(ep_size 1). hash and topk run with capacity_factor null (no capacity);
 switch keeps its capacity factor 1.0, BASE is balanced by construction.
 
 updates/sec and tokens/sec are the trainer's own `train/updates_per_sec` / `train/tokens_per_sec`
-(metrics.jsonl), averaged over the windows after the first (which holds start-up effects).
+(metrics.jsonl), averaged over the windows after the first (which holds start-up effects); peak memory is
+the trainer's `memory/peak_rank_mib` (the largest rank's peak resident set on CPU) at the last window.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from benchmarks.common import (
 
 ROUTERS = ("hash", "base", "switch", "topk")
 FULL = dict(steps=40, log_every=10, micro_batch=8, hidden=128, ffn=512, layers=4, heads=4, experts=8,
-            moe_layers=[1, 3], runs=[("dense", "-")] + [(r, d) for d in ("stock", "dropless") for r in ROUTERS])
+            moe_layers=[1, 3], runs=("dense",) + ROUTERS)
 QUICK = dict(steps=4, log_every=2, micro_batch=2, hidden=32, ffn=64, layers=2, heads=4, experts=4,
-             moe_layers=[1], runs=[("dense", "-"), ("hash", "stock"), ("hash", "dropless")])
+             moe_layers=[1], runs=("dense", "hash"))
 NPROC = 2
 HASH_VS_BASE_TARGET = 1.11
 RUN_TIMEOUT_S = 900
@@ -55,20 +56,20 @@ PAUSE_S = 30
 @dataclass
 class Result:
     router: str
-    dispatch: str
     ep_size: int
     updates_per_sec: float
     tokens_per_sec: float
     dropped_frac: float | None
     dropped_max: float | None
     all_to_all_frac: float | None
+    peak_mib: float | None
     wall_s: float
     load_start: float
     other_cores: float  # CPU other processes took during the run, in cores
     attempts: int = 1
 
 
-def run_config(sizes: dict, router: str, dispatch: str, run_dir: Path) -> dict:
+def run_config(sizes: dict, router: str, run_dir: Path) -> dict:
     model = {"hidden_size": sizes["hidden"], "intermediate_size": sizes["ffn"], "num_hidden_layers": sizes["layers"],
              "num_attention_heads": sizes["heads"], "max_position_embeddings": 128}
     if router == "dense":
@@ -85,23 +86,22 @@ def run_config(sizes: dict, router: str, dispatch: str, run_dir: Path) -> dict:
         "data": {"dataset": "shakespeare", "vocab_size": 4096, "seq_len": 128,
                  "cache_dir": str(ROOT / "data_cache")},
         "optim": {"lr": 2e-3, "warmup_steps": 10, "max_steps": sizes["steps"], "micro_batch_size": sizes["micro_batch"]},
-        "parallel": {"ep_size": 1 if router == "dense" else NPROC, "ds_config": "cpu",
-                     "dispatch": "stock" if dispatch == "-" else dispatch},
+        "parallel": {"ep_size": 1 if router == "dense" else NPROC, "ds_config": "cpu"},
         "logging": {"log_every": sizes["log_every"], "eval_every": 10 * sizes["steps"], "eval_batches": 2,
                     "tensorboard": False, "progress": False},
         "checkpoint": {"every": 0, "keep": 1},
     }
 
 
-def train_once(sizes: dict, router: str, dispatch: str, folder: Path) -> Result:
+def train_once(sizes: dict, router: str, folder: Path) -> Result:
     from trainer.distributed import free_port
     from trainer.metrics import read_metrics
 
-    name = f"{router}-{dispatch}" if dispatch != "-" else router
+    name = router
     folder.mkdir(parents=True, exist_ok=True)
     run_dir = folder / name  # a fresh folder: a run folder holding a checkpoint would resume
     config_path = folder / f"{name}.yaml"
-    config = run_config(sizes, router, dispatch, run_dir)
+    config = run_config(sizes, router, run_dir)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -124,20 +124,20 @@ def train_once(sizes: dict, router: str, dispatch: str, folder: Path) -> Result:
         return statistics.mean(values) if values else None
 
     dropped = [r["moe/dropped_frac"] for r in rows if "moe/dropped_frac" in r]
-    res = Result(router, dispatch, config["parallel"]["ep_size"], mean("train/updates_per_sec", timed),
+    res = Result(router, config["parallel"]["ep_size"], mean("train/updates_per_sec", timed),
                  mean("train/tokens_per_sec", timed), statistics.mean(dropped) if dropped else None,
-                 max(dropped) if dropped else None, mean("time/all_to_all_frac", timed), wall, load_start,
-                 other_cores)
+                 max(dropped) if dropped else None, mean("time/all_to_all_frac", timed),
+                 rows[-1].get("memory/peak_rank_mib") if rows else None, wall, load_start, other_cores)
     print(f"  {name:16s} {res.updates_per_sec:6.2f} updates/s {res.tokens_per_sec:8.0f} tokens/s  dropped "
           f"{res.dropped_frac}  wall {wall:.0f} s  load {load_start:.2f}  others {other_cores:.2f} cores",
           flush=True)
     return res
 
 
-def train_quietly(sizes: dict, router: str, dispatch: str, folder: Path, quick: bool) -> Result:
+def train_quietly(sizes: dict, router: str, folder: Path, quick: bool) -> Result:
     """train_once, repeated (after a pause) while other processes took more than MAX_OTHER_CORES."""
     for attempt in range(1, RETRIES + 2):
-        res = train_once(sizes, router, dispatch, folder / f"attempt{attempt}")
+        res = train_once(sizes, router, folder / f"attempt{attempt}")
         res.attempts = attempt
         if quick or res.other_cores <= MAX_OTHER_CORES or attempt == RETRIES + 1:
             return res
@@ -157,16 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     load = wait_until_quiet(args.quick)
     report = Report(f"Train suite: 2 local ranks, updates/sec per router ({'quick' if args.quick else 'full'})",
                     args.command, load)
-    results: dict[tuple[str, str], Result] = {}
+    results: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="hashmoe-bench-train-") as tmp:
-        for router, dispatch in sizes["runs"]:
-            results[(router, dispatch)] = train_quietly(sizes, router, dispatch, Path(tmp), args.quick)
-    dense = results[("dense", "-")]
+        for router in sizes["runs"]:
+            results[router] = train_quietly(sizes, router, Path(tmp), args.quick)
+    dense = results["dense"]
     rows = []
-    for (router, dispatch), r in results.items():
-        rows.append([router, dispatch, r.ep_size, f"{r.updates_per_sec:.2f}", f"{r.tokens_per_sec:.0f}",
+    for router, r in results.items():
+        rows.append([router, r.ep_size, f"{r.updates_per_sec:.2f}", f"{r.tokens_per_sec:.0f}",
                      f"{r.updates_per_sec / dense.updates_per_sec:.2f}x", fmt(r.dropped_frac), fmt(r.all_to_all_frac, ".2f"),
-                     f"{r.wall_s:.0f}", f"{r.load_start:.2f}", f"{r.other_cores:.2f}", r.attempts])
+                     fmt(r.peak_mib, ".0f"), f"{r.wall_s:.0f}", f"{r.load_start:.2f}", f"{r.other_cores:.2f}",
+                     r.attempts])
     report.tables.append(
         f"{NPROC} ranks (torchrun, gloo, each rank 1 torch thread: the trainer shares the cores, {sizes['steps']} steps, micro batch {sizes['micro_batch']} per rank, seq_len "
         f"128, d {sizes['hidden']}, {sizes['layers']} layers, MoE layers {sizes['moe_layers']} with {sizes['experts']} "
@@ -176,29 +177,23 @@ def main(argv: list[str] | None = None) -> int:
         "the run's start (our previous run included); others: CPU cores other processes took during the run "
         f"(machine busy time minus ours, /proc/stat; a run with more than {MAX_OTHER_CORES} was repeated, up to "
         f"{RETRIES} times: attempts).\n\n"
-        + markdown_table(["router", "dispatch", "ep_size", "updates/s", "tokens/s", "vs dense", "dropped frac",
-                          "all-to-all frac", "wall s", "load", "others (cores)", "attempts"], rows))
+        + markdown_table(["router", "ep_size", "updates/s", "tokens/s", "vs dense", "dropped frac",
+                          "all-to-all frac", "peak MiB per rank", "wall s", "load", "others (cores)", "attempts"],
+                         rows))
     ratio_rows = []
-    for dispatch in ("stock", "dropless"):
-        if ("hash", dispatch) in results and ("base", dispatch) in results:
-            ratio = results[("hash", dispatch)].updates_per_sec / results[("base", dispatch)].updates_per_sec
-            met = "met" if ratio >= HASH_VS_BASE_TARGET else "NOT met"
-            ratio_rows.append([f"hash / base, {dispatch}", f"{ratio:.2f}x", f">= {HASH_VS_BASE_TARGET}x: {met}"])
-    for router in ROUTERS:
-        if (router, "stock") in results and (router, "dropless") in results:
-            ratio = results[(router, "dropless")].updates_per_sec / results[(router, "stock")].updates_per_sec
-            ratio_rows.append([f"{router}: dropless / stock", f"{ratio:.2f}x", ""])
+    if "hash" in results and "base" in results:
+        ratio = results["hash"].updates_per_sec / results["base"].updates_per_sec
+        met = "met" if ratio >= HASH_VS_BASE_TARGET else "NOT met"
+        ratio_rows.append(["hash / base", f"{ratio:.2f}x", f">= {HASH_VS_BASE_TARGET}x: {met}"])
     if ratio_rows:
         report.tables.append("Ratios of updates/sec within this run:\n\n"
                              + markdown_table(["ratio", "value", "target"], ratio_rows))
-    zero = [f"{r}/{d}: max {fmt(res.dropped_max, '.4f')}" for (r, d), res in results.items()
-            if d == "dropless" and r in ("hash", "topk", "base")]
+    zero = [f"{r}: max {fmt(res.dropped_max, '.4f')}" for r, res in results.items() if r in ("hash", "topk", "base")]
     if zero:
-        all_zero = all(results[k].dropped_max == 0 for k in results if k[1] == "dropless" and k[0] != "switch")
-        report.notes.append(f"Dropped tokens in dropless mode (capacity_factor null; switch keeps its capacity "
-                            f"1.0): {', '.join(zero)}: {'zero, target met' if all_zero else 'NOT zero'}.")
-    report.notes.append("Run configs (YAML, one per run): " + json.dumps(run_config(sizes, "hash", "stock",
-                                                                                      Path("RUN_DIR"))))
+        all_zero = all(results[r].dropped_max == 0 for r in results if r in ("hash", "topk", "base"))
+        report.notes.append(f"Dropped tokens (capacity_factor null; switch keeps its capacity 1.0): "
+                            f"{', '.join(zero)}: {'zero, target met' if all_zero else 'NOT zero'}.")
+    report.notes.append("Run configs (YAML, one per run): " + json.dumps(run_config(sizes, "hash", Path("RUN_DIR"))))
     report.emit(args.write)
     return 0
 

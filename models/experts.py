@@ -1,24 +1,37 @@
-"""Expert bank (E FFNs stored as 3-D tensors) and the sort-based local dispatch.
+"""One expert module (E FFNs stored as 3-D tensors) and the one token dispatcher.
 
-Shape suffixes: T tokens, D model width, F expert hidden width, E experts, K assignments per token,
-A kept assignments (T*K minus the dropped ones), G slots (E experts x segments), N rows of one slice.
+Shape suffixes: T tokens, D model width, F expert hidden width, S one slot's hidden width (F / segments),
+E experts, K assignments per token, A routes (T*K, dropped ones sorted last), G slots (experts x segments),
+R rows the experts of this process receive.
 
-Dispatch never builds the GShard one-hot [T, E, capacity] tensor: tokens are sorted by the slot they go
-to, each expert runs one matmul over its contiguous slice, and the outputs are scattered back. Memory
-stays O(T*K*D). The same bank `forward` serves the expert-parallel path, where the sorted slices
-arrive from other ranks (trainer/parallel.py).
+The dispatcher, in the shape torchtitan and Megatron-Core use:
+
+  route -> permute (sort every route by slot once: order, tokens per slot, dropped routes last)
+        -> exchange (to the process that holds the slot; nothing when every expert is here)
+        -> experts (one grouped GEMM per projection over the slot-sorted rows)
+        -> exchange back -> un-permute and combine (weighted sum over each token's K routes).
+
+The local path is the expert-parallel path with a group of one: `dispatch(..., exchange=None)`. Expert
+parallelism (trainer/expert_exchange.py) passes an exchange over its process group; the model file knows
+nothing of processes. The GShard one-hot [T, E, capacity] tensor is never built: memory stays O(T*K*D).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+# transformers' names (config._experts_implementation, from_pretrained(experts_implementation=...)): "grouped_mm"
+# runs torch._grouped_mm where its kernel takes the tensors, "eager" a loop of one matmul per slot; unset, the
+# bank picks per device (`use_grouped_mm`).
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")
 
 
 class ExpertBank(nn.Module):
@@ -54,20 +67,44 @@ class ExpertBank(nn.Module):
         h_NF = self.act(x_ND @ self.w1[expert, hidden].t())
         return h_NF @ self.w2[expert, :, hidden].t()
 
-    def slot_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Views of every slot's weights, in slot order: w1 [F/segments, D] and w2 [D, F/segments]."""
-        w1_E, w2_E = self.w1.unbind(0), self.w2.unbind(0)
+    def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's weights, slots leading: w1 [G, S, D] (a view) and w2 [G, D, S]. A segment's w2 columns
+        are not a strided view of [E, D, F], so with segments w2 is gathered into slot order (one copy of w2
+        per call; autograd scatters its gradient back)."""
+        num_slots, size = self.num_slots, self.segment_size
+        w1_GSD = self.w1.view(num_slots, size, self.w1.shape[2])
         if self.num_segments == 1:
-            return list(w1_E), list(w2_E)
-        size = self.segment_size
-        hidden = [slice(m * size, (m + 1) * size) for m in range(self.num_segments)]
-        return [w1[h] for w1 in w1_E for h in hidden], [w2[:, h] for w2 in w2_E for h in hidden]
+            return w1_GSD, self.w2
+        E, D, _ = self.w2.shape
+        return w1_GSD, self.w2.view(E, D, self.num_segments, size).transpose(1, 2).reshape(num_slots, D, size)
 
-    def forward(self, x_AD: torch.Tensor, tokens_per_slot_G: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_AD: torch.Tensor, tokens_per_slot_G: torch.Tensor,
+                implementation: str | None = None) -> torch.Tensor:
         """Rows of `x_AD` are grouped by slot, `tokens_per_slot_G[g]` rows for slot g, in slot order; rows past
         the last slot's (dropped routes, sorted last) give 0. Called through the module (not a method of it), so
         hooks on the bank (accelerate's offload) see the weights."""
-        return expert_ffn(x_AD, self.w1, self.w2, tokens_per_slot_G, self.num_segments, self.activation)[0]
+        w1_GSD, w2_GDS = self.slot_weights()
+        grouped = use_grouped_mm(implementation, x_AD, w1_GSD, w2_GDS)
+        return expert_ffn(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G[:self.num_slots], self.activation, grouped)
+
+
+def use_grouped_mm(implementation: str | None, *tensors: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs these tensors. "eager": never. "grouped_mm": where its kernel takes them
+    (fp32/bf16/fp16 on CPU or CUDA SM80+, every stride and base address a multiple of 16 bytes). None (the
+    default): on CUDA where it takes them; on CPU never, since torch's CPU _grouped_mm is a loop of matmuls no
+    faster than ours, and its weight-gradient form is 1.4x slower (BENCHMARKS.md, 2026-12-01)."""
+    if implementation not in (None, *EXPERTS_IMPLEMENTATIONS):
+        raise ValueError(f"experts_implementation={implementation!r} is not offered by hashmoe's expert bank: "
+                         f"use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}.")
+    x = tensors[0]
+    if implementation == "eager" or not hasattr(torch, "_grouped_mm") or (implementation is None and not x.is_cuda):
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.device.type not in ("cpu", "cuda"):
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride() if s != 1)
+               for t in tensors)
 
 
 # Op names are per module: an exported model folder's copy of this file (loaded with trust_remote_code, as
@@ -83,88 +120,117 @@ ACTIVATION_GRADS = {
 
 # act(x @ w1_g.T) @ w2_g.T for each slot's contiguous slice of rows, as a custom op with a hand-written backward.
 #
-# Why a custom op: the slice sizes are data (tokens per slot). Inside the op they are read as Python ints; to
-# torch.compile and torch.export the op is one node whose output has the input's shape, so a model graph with MoE
-# layers has no data-dependent shapes and compiles with fullgraph=True.
+# Why a custom op: the slice sizes are data (tokens per slot). To torch.compile and torch.export the op is one
+# node whose output has the input's shape, so a model graph with MoE layers has no data-dependent shapes and
+# compiles with fullgraph=True (torch's own meta kernel for _grouped_mm is bf16-only).
 #
-# Why a hand-written backward rather than autograd over per-slot views of the bank: the views' backward (unbind or
-# index) builds the [E, out, in] weight gradient by stacking E separate gradients (or adding E bank-sized zero
-# tensors), a full extra pass over the bank's memory each step: 29% of the fwd+bwd time at E=64, d 512/2048, 2048
-# tokens (BENCHMARKS.md, 2026-11-23). Here each matmul writes straight into its slice of one preallocated output,
-# pre-activation, input-gradient and weight-gradient buffer, and the activation runs once over all rows.
-@torch.library.custom_op(f"hashmoe::{_OP_PREFIX}expert_ffn", mutates_args=())
-def expert_ffn(x_AD: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, tokens_per_slot_G: torch.Tensor,
-               num_segments: int, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# Why a hand-written backward: each weight gradient is one grouped GEMM (or, in the loop, one matmul per slot
+# written into its slice of one preallocated [G, out, in] buffer) rather than autograd stacking G separate
+# gradients: that stacking was 29% of the fwd+bwd time at E=64 (BENCHMARKS.md, 2026-11-23).
+#
+# Rows past the last slot (dropped routes) read 0. grouped_mm leaves them unwritten, so its outputs are masked;
+# the loop zero-fills instead.
+@torch.library.custom_op(f"hashmoe::{_OP_PREFIX}expert_ffn_forward", mutates_args=())
+def expert_ffn_forward(x_AD: torch.Tensor, w1_GSD: torch.Tensor, w2_GDS: torch.Tensor, tokens_per_slot_G: torch.Tensor,
+               activation: str, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y_AD, pre-activation, activation) of every row; the last two are kept for the backward."""
-    rows_G = _slot_rows(tokens_per_slot_G.tolist()[:w1.shape[0] * num_segments])
-    size = w1.shape[1] // num_segments
-    new_rows = torch.zeros if _has_dropped(rows_G, x_AD) else torch.empty  # dropped rows must read 0
-    pre_AS = new_rows(x_AD.shape[0], size, dtype=x_AD.dtype, device=x_AD.device)  # S = one slot's hidden width
+    if grouped:
+        offs_G = _group_ends(tokens_per_slot_G)
+        pre_AS = _zero_rows_past(torch._grouped_mm(x_AD, w1_GSD.transpose(-2, -1), offs=offs_G), offs_G)
+        h_AS = ACTIVATIONS[activation](pre_AS)
+        y_AD = _zero_rows_past(torch._grouped_mm(h_AS, w2_GDS.transpose(-2, -1), offs=offs_G), offs_G)
+        return y_AD, pre_AS, h_AS
+    rows_G = _slot_rows(tokens_per_slot_G.tolist())
+    new_rows = torch.zeros if _has_dropped(rows_G, x_AD) else torch.empty
+    pre_AS = new_rows(x_AD.shape[0], w1_GSD.shape[1], dtype=x_AD.dtype, device=x_AD.device)
     for slot, rows in rows_G:
-        expert, segment = divmod(slot, num_segments)
-        torch.mm(x_AD[rows], w1[expert, segment * size:(segment + 1) * size].t(), out=pre_AS[rows])
+        torch.mm(x_AD[rows], w1_GSD[slot].t(), out=pre_AS[rows])
     h_AS = ACTIVATIONS[activation](pre_AS)  # act(0) = 0 for every activation offered
     y_AD = new_rows(x_AD.shape, dtype=x_AD.dtype, device=x_AD.device)
     for slot, rows in rows_G:
-        expert, segment = divmod(slot, num_segments)
-        torch.mm(h_AS[rows], w2[expert, :, segment * size:(segment + 1) * size].t(), out=y_AD[rows])
+        torch.mm(h_AS[rows], w2_GDS[slot].t(), out=y_AD[rows])
     return y_AD, pre_AS, h_AS
 
 
-@expert_ffn.register_fake
-def _(x_AD, w1, w2, tokens_per_slot_G, num_segments, activation):
-    size = w1.shape[1] // num_segments
+@expert_ffn_forward.register_fake
+def _(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped):
+    size = w1_GSD.shape[1]
     return x_AD.new_empty(x_AD.shape), x_AD.new_empty(x_AD.shape[0], size), x_AD.new_empty(x_AD.shape[0], size)
 
 
 @torch.library.custom_op(f"hashmoe::{_OP_PREFIX}expert_ffn_backward", mutates_args=())
-def expert_ffn_backward(grad_y_AD: torch.Tensor, x_AD: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                        pre_AS: torch.Tensor, h_AS: torch.Tensor, tokens_per_slot_G: torch.Tensor, num_segments: int,
-                        activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows_G = _slot_rows(tokens_per_slot_G.tolist()[:w1.shape[0] * num_segments])
-    size = pre_AS.shape[1]
+def expert_ffn_backward(grad_y_AD: torch.Tensor, x_AD: torch.Tensor, w1_GSD: torch.Tensor, w2_GDS: torch.Tensor,
+                        pre_AS: torch.Tensor, h_AS: torch.Tensor, tokens_per_slot_G: torch.Tensor, activation: str,
+                        grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_y_AD = grad_y_AD.contiguous()
+    if grouped:
+        offs_G = _group_ends(tokens_per_slot_G)
+        grad_h_AS = torch._grouped_mm(grad_y_AD, w2_GDS, offs=offs_G)
+        grad_w2 = torch._grouped_mm(grad_y_AD.t(), h_AS, offs=offs_G)  # rows past the last group are not read
+        grad_pre_AS = ACTIVATION_GRADS[activation](grad_h_AS, pre_AS)
+        grad_x_AD = _zero_rows_past(torch._grouped_mm(grad_pre_AS, w1_GSD, offs=offs_G), offs_G)
+        grad_w1 = torch._grouped_mm(grad_pre_AS.t(), x_AD, offs=offs_G)
+        return grad_x_AD, grad_w1, grad_w2
+    rows_G = _slot_rows(tokens_per_slot_G.tolist())
     # Slots that got no rows have zero weight gradient; fill only when some slot is empty.
-    every_slot_used = len(rows_G) == w1.shape[0] * num_segments
-    new_grad = torch.empty_like if every_slot_used else torch.zeros_like
-    grad_w1, grad_w2 = new_grad(w1), new_grad(w2)
-    dropped = _has_dropped(rows_G, x_AD)
-    grad_h_AS = torch.zeros_like(h_AS) if dropped else torch.empty_like(h_AS)
+    new_grad = torch.empty_like if len(rows_G) == w1_GSD.shape[0] else torch.zeros_like
+    grad_w1, grad_w2 = new_grad(w1_GSD), new_grad(w2_GDS)
+    new_rows = torch.zeros_like if _has_dropped(rows_G, x_AD) else torch.empty_like
+    grad_h_AS = new_rows(h_AS)
     for slot, rows in rows_G:
-        expert, segment = divmod(slot, num_segments)
-        hidden = slice(segment * size, (segment + 1) * size)
-        torch.mm(grad_y_AD[rows], w2[expert, :, hidden], out=grad_h_AS[rows])
-        _mm_into(grad_w2[expert, :, hidden], grad_y_AD[rows].t(), h_AS[rows])
+        torch.mm(grad_y_AD[rows], w2_GDS[slot], out=grad_h_AS[rows])
+        torch.mm(grad_y_AD[rows].t(), h_AS[rows], out=grad_w2[slot])
     grad_pre_AS = ACTIVATION_GRADS[activation](grad_h_AS, pre_AS)
-    grad_x_AD = torch.zeros_like(x_AD) if dropped else torch.empty_like(x_AD)
+    grad_x_AD = new_rows(x_AD)
     for slot, rows in rows_G:
-        expert, segment = divmod(slot, num_segments)
-        hidden = slice(segment * size, (segment + 1) * size)
-        torch.mm(grad_pre_AS[rows], w1[expert, hidden], out=grad_x_AD[rows])
-        _mm_into(grad_w1[expert, hidden], grad_pre_AS[rows].t(), x_AD[rows])
+        torch.mm(grad_pre_AS[rows], w1_GSD[slot], out=grad_x_AD[rows])
+        torch.mm(grad_pre_AS[rows].t(), x_AD[rows], out=grad_w1[slot])
     return grad_x_AD, grad_w1, grad_w2
 
 
 @expert_ffn_backward.register_fake
-def _(grad_y_AD, x_AD, w1, w2, pre_AS, h_AS, tokens_per_slot_G, num_segments, activation):
-    return torch.empty_like(x_AD), torch.empty_like(w1), torch.empty_like(w2)
+def _(grad_y_AD, x_AD, w1_GSD, w2_GDS, pre_AS, h_AS, tokens_per_slot_G, activation, grouped):
+    return torch.empty_like(x_AD), torch.empty_like(w1_GSD), torch.empty_like(w2_GDS)
 
 
-def _expert_ffn_setup_context(ctx, inputs, output):
-    x_AD, w1, w2, tokens_per_slot_G, num_segments, activation = inputs
-    _, pre_AS, h_AS = output
-    ctx.save_for_backward(x_AD, w1, w2, pre_AS, h_AS, tokens_per_slot_G)
-    ctx.num_segments, ctx.activation = num_segments, activation
+class _ExpertFFN(torch.autograd.Function):
+    """The two ops as one differentiable function returning y only: were the pre-activation and activation
+    outputs of a registered autograd, the engine would zero-fill a gradient for each ([A, S], two bank-sized
+    passes per step) although nothing uses them."""
+
+    @staticmethod
+    def forward(ctx, x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped):
+        y_AD, pre_AS, h_AS = expert_ffn_forward(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped)
+        ctx.save_for_backward(x_AD, w1_GSD, w2_GDS, pre_AS, h_AS, tokens_per_slot_G)
+        ctx.activation, ctx.grouped = activation, grouped
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, grad_y_AD):
+        x_AD, w1_GSD, w2_GDS, pre_AS, h_AS, tokens_per_slot_G = ctx.saved_tensors
+        grads = expert_ffn_backward(grad_y_AD, x_AD, w1_GSD, w2_GDS, pre_AS, h_AS, tokens_per_slot_G,
+                                    ctx.activation, ctx.grouped)
+        return (*grads, None, None, None)
 
 
-def _expert_ffn_backward(ctx, grad_y_AD, grad_pre, grad_h):
-    x_AD, w1, w2, pre_AS, h_AS, tokens_per_slot_G = ctx.saved_tensors
-    grads = expert_ffn_backward(grad_y_AD, x_AD, w1, w2, pre_AS, h_AS, tokens_per_slot_G, ctx.num_segments,
-                                ctx.activation)
-    return (*grads, None, None, None)
+def expert_ffn(x_AD: torch.Tensor, w1_GSD: torch.Tensor, w2_GDS: torch.Tensor, tokens_per_slot_G: torch.Tensor,
+               activation: str, grouped: bool) -> torch.Tensor:
+    """act(x @ w1_g.T) @ w2_g.T of each slot's rows (rows past the last slot give 0), differentiable."""
+    return _ExpertFFN.apply(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped)
 
 
-expert_ffn.register_autograd(_expert_ffn_backward, setup_context=_expert_ffn_setup_context)
+def _group_ends(tokens_per_slot_G: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(tokens_per_slot_G, 0, dtype=torch.int32)
+
+
+def _zero_rows_past(rows_AN: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
+    """Zero (in place) the rows after the last group, which grouped_mm leaves unwritten."""
+    if rows_AN.device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would stall the stream
+        rows_AN[int(offs_G[-1]) if offs_G.numel() else 0:].zero_()
+    else:
+        kept_A = torch.arange(rows_AN.shape[0], device=rows_AN.device) < offs_G[-1:]
+        rows_AN.masked_fill_(~kept_A.unsqueeze(1), 0)
+    return rows_AN
 
 
 def _has_dropped(rows_G: list[tuple[int, slice]], x_AD: torch.Tensor) -> bool:
@@ -182,13 +248,7 @@ def _slot_rows(tokens_per_slot: list[int]) -> list[tuple[int, slice]]:
     return rows
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    if out.is_contiguous():
-        torch.mm(a, b, out=out)
-    else:  # a segment's columns of w2's gradient
-        out.copy_(a @ b)
-
-
+# ---- the dispatcher -------------------------------------------------------------------------------------
 def assignment_slots(expert_index_TK: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Map expert choices to bank slots; -1 (dropped) stays -1. With segments, column k is segment k."""
     if num_segments == 1:
@@ -197,34 +257,71 @@ def assignment_slots(expert_index_TK: torch.Tensor, num_segments: int) -> torch.
     return torch.where(expert_index_TK >= 0, expert_index_TK * num_segments + segment_TK, -1)
 
 
-def sort_routes(slot_TK: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (token, k) route ordered by slot, dropped routes (-1) last; stable, so token order is kept within a
-    slot. Returns (order_A, routes_per_slot_G1): order_A[i] is the flat [T*K] index of the i-th sorted route,
-    routes_per_slot_G1[G] the dropped ones. Shapes depend on T*K only, never on the routing: traceable."""
-    flat = slot_TK.reshape(-1)
-    slot = torch.where(flat >= 0, flat, num_slots)
-    order_A = torch.argsort(slot, stable=True)
-    routes_per_slot_G1 = torch.zeros(num_slots + 1, dtype=torch.long, device=flat.device)
-    return order_A, routes_per_slot_G1.scatter_add_(0, slot, torch.ones_like(slot))
+def sort_by_slot(slot_N: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routes in the order given, stably sorted by slot; -1 (dropped) sorts last, into a scratch slot. Returns
+    (order_N, routes_per_slot_G1): order_N[i] is the index of the i-th sorted route, routes_per_slot_G1[G] the
+    dropped ones. Shapes depend on N only, never on the routing: traceable."""
+    slot = torch.where(slot_N >= 0, slot_N, num_slots)
+    order_N = torch.argsort(slot, stable=True)
+    routes_per_slot_G1 = torch.zeros(num_slots + 1, dtype=torch.long, device=slot.device)
+    return order_N, routes_per_slot_G1.scatter_add_(0, slot, torch.ones_like(slot))
 
 
-def sort_by_slot(slot_TK: torch.Tensor, num_slots: int):
-    """`sort_routes` without the dropped routes (for the exchange of the expert-parallel path, which sends kept
-    rows only). Returns (token_A, order_A, tokens_per_slot_G); token_A[i] is the token of the i-th kept route."""
-    order_A, routes_per_slot_G1 = sort_routes(slot_TK, num_slots)
-    kept = order_A.shape[0] - int(routes_per_slot_G1[-1])
-    order_A = order_A[:kept]
-    return order_A // slot_TK.shape[1], order_A, routes_per_slot_G1[:num_slots]
+def positions_in_slot(slot_N: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """The one definition of "the n-th route of its slot" (Switch/GShard capacity): position_N[n] is route n's
+    place among the routes of its slot, in the order given."""
+    order_N, routes_per_slot_G1 = sort_by_slot(slot_N, num_slots)
+    first_of_slot = torch.cumsum(routes_per_slot_G1, 0) - routes_per_slot_G1
+    slot_sorted = torch.where(slot_N >= 0, slot_N, num_slots)[order_N]
+    position_N = torch.empty_like(slot_N)
+    position_N[order_N] = torch.arange(slot_N.numel(), device=slot_N.device) - first_of_slot[slot_sorted]
+    return position_N
 
 
-def dispatch_local(x_TD: torch.Tensor, expert_index_TK: torch.Tensor, expert_weight_TK: torch.Tensor,
-                   bank: ExpertBank) -> torch.Tensor:
-    """y_t = sum_k weight[t, k] * expert_{index[t, k]}(x_t), all experts local; dropped routes give 0."""
-    slot_TK = assignment_slots(expert_index_TK, bank.num_segments)
-    order_A, routes_per_slot_G1 = sort_routes(slot_TK, bank.num_slots)
-    y_AD = bank(gather_routes(x_TD, order_A, slot_TK.shape[1]), routes_per_slot_G1)
-    y_AD = y_AD * expert_weight_TK.reshape(-1)[order_A].unsqueeze(1).to(y_AD.dtype)
-    return combine_routes(y_AD, order_A, *slot_TK.shape)
+@dataclass
+class RoutePlan:
+    """The permutation of one dispatch, computed once: every (token, k) route sorted by slot (token order kept
+    within a slot), dropped routes last. order_A[i] is the flat [T*K] index of the i-th sorted route."""
+
+    order_A: torch.Tensor
+    routes_per_slot_G1: torch.Tensor  # [G + 1]: routes per slot, then the dropped ones
+    num_tokens: int
+    K: int
+
+    @classmethod
+    def build(cls, slot_TK: torch.Tensor, num_slots: int) -> "RoutePlan":
+        return cls(*sort_by_slot(slot_TK.reshape(-1), num_slots), *slot_TK.shape)
+
+    def permute(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x_AD: the row of every sorted route; route i is (token order_A[i] // K, choice order_A[i] % K)."""
+        x_ND = x_TD if self.K == 1 else x_TD.repeat_interleave(self.K, dim=0)  # row t*K + k: distinct per route
+        return _TakeRows.apply(x_ND, self.order_A)
+
+    def combine(self, y_AD: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        """y_TD[t] = sum_k weight[t, k] * y of route (t, k). y_AD holds the first y_AD.shape[0] sorted routes;
+        the rest (dropped) give 0. index_copy into the [T*K] route layout (each route once: no scatter-add)."""
+        order_A = self.order_A[:y_AD.shape[0]]
+        y_AD = y_AD * weight_TK.reshape(-1)[order_A].unsqueeze(1).to(y_AD.dtype)
+        y_ND = y_AD.new_zeros((self.num_tokens * self.K, y_AD.shape[1])).index_copy(0, order_A, y_AD)
+        return y_ND if self.K == 1 else y_ND.view(self.num_tokens, self.K, -1).sum(1)
+
+
+def dispatch(x_TD: torch.Tensor, expert_index_TK: torch.Tensor, expert_weight_TK: torch.Tensor, bank: ExpertBank,
+             exchange=None, implementation: str | None = None) -> torch.Tensor:
+    """y_t = sum_k weight[t, k] * expert_{index[t, k]}(x_t); dropped routes (-1) give 0.
+
+    `exchange` None: every slot is in `bank`. Otherwise `bank` holds this process's slots and `exchange`
+    (trainer/expert_exchange.py) moves the sorted rows to the processes holding their slots and back:
+    `exchange.to_experts(x_AD, plan) -> (x_RD, tokens_per_local_slot, transfer)` and
+    `exchange.to_routes(y_RD, transfer) -> y of the kept routes, in sorted order`."""
+    num_slots = bank.num_slots if exchange is None else exchange.num_slots
+    plan = RoutePlan.build(assignment_slots(expert_index_TK, bank.num_segments), num_slots)
+    x_AD = plan.permute(x_TD)
+    if exchange is None:
+        return plan.combine(bank(x_AD, plan.routes_per_slot_G1, implementation), expert_weight_TK)
+    x_RD, tokens_per_local_slot, transfer = exchange.to_experts(x_AD, plan)
+    y_RD = bank(x_RD, tokens_per_local_slot, implementation)
+    return plan.combine(exchange.to_routes(y_RD, transfer), expert_weight_TK)
 
 
 class _TakeRows(torch.autograd.Function):
@@ -242,19 +339,6 @@ class _TakeRows(torch.autograd.Function):
         (index_A,) = ctx.saved_tensors
         grad_ND = grad_AD.new_zeros((ctx.num_rows, grad_AD.shape[1]))
         return grad_ND.index_copy_(0, index_A, grad_AD), None
-
-
-def gather_routes(x_TD: torch.Tensor, order_A: torch.Tensor, K: int) -> torch.Tensor:
-    """Rows for the sorted routes: route i is (token order_A[i] // K, choice order_A[i] % K)."""
-    x_ND = x_TD if K == 1 else x_TD.repeat_interleave(K, dim=0)  # row t*K + k = token t, distinct per route
-    return _TakeRows.apply(x_ND, order_A)
-
-
-def combine_routes(y_AD: torch.Tensor, order_A: torch.Tensor, T: int, K: int) -> torch.Tensor:
-    """y_TD[t] = sum_k y of route (t, k); dropped routes give 0. index_copy into the [T*K] route layout (each
-    route once: no scatter-add), then a sum over k."""
-    y_ND = y_AD.new_zeros((T * K, y_AD.shape[1])).index_copy(0, order_A, y_AD)
-    return y_ND if K == 1 else y_ND.view(T, K, -1).sum(1)
 
 
 def expert_init_std(initializer_range: float, num_hidden_layers: int) -> tuple[float, float]:

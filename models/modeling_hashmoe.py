@@ -28,7 +28,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hashmoe import HashMoEConfig
-from .experts import ACTIVATIONS, ExpertBank, dispatch_local, expert_init_std
+from .experts import ACTIVATIONS, EXPERTS_IMPLEMENTATIONS, ExpertBank, dispatch, expert_init_std
 from .routing import (
     BaseRouter,
     HashRouter,
@@ -204,6 +204,7 @@ class HashMoESparseMLP(nn.Module):
 
     def __init__(self, config: HashMoEConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.num_experts = config.num_experts
         self.router = build_router(config, layer_idx)
         segments = config.hash_heads if config.router == "hash" else 1
@@ -213,8 +214,15 @@ class HashMoESparseMLP(nn.Module):
     def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs) -> tuple[torch.Tensor, MoELayerStats]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routed = self.router(x_TD, routing)
-        y_TD = dispatch_local(x_TD, routed.expert_index_TK, routed.expert_weight_TK, self.experts)
+        y_TD = dispatch(x_TD, routed.expert_index_TK, routed.expert_weight_TK, self.experts,
+                        implementation=experts_implementation(self.config))
         return y_TD.view_as(x_BSD), moe_layer_stats(routed, self.num_experts)
+
+
+def experts_implementation(config: HashMoEConfig) -> str | None:
+    """transformers' `config._experts_implementation` (from_pretrained(experts_implementation=...)); None under
+    a transformers without it: grouped_mm where it runs."""
+    return getattr(config, "_experts_implementation", None)
 
 
 def moe_layer_stats(routed: RouterOutput, num_experts: int) -> MoELayerStats:
@@ -253,6 +261,21 @@ class HashMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # flash kernels take no boolean mask; padding and the staircase need one
     _supports_flex_attn = False
     _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers decides this from the source (its use_experts_implementation decorator), else makes
+        # every model "eager". The bank reads config._experts_implementation itself.
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str | None:
+        # transformers would make an unset choice "grouped_mm"; unset, the bank picks per device (grouped_mm on
+        # CUDA, the loop on CPU, where torch's grouped_mm is slower).
+        if requested_experts not in (None, *EXPERTS_IMPLEMENTATIONS):
+            raise ValueError(f"experts_implementation={requested_experts!r}: hashmoe offers "
+                             f"{', '.join(EXPERTS_IMPLEMENTATIONS)} (or leave it unset: grouped_mm on CUDA, the "
+                             "per-expert loop on CPU).")
+        return requested_experts
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

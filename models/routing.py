@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .assignment import balanced_assignment
+from .experts import positions_in_slot
 from .hashing import (
     balanced_table,
     bigram_hash,
@@ -190,12 +191,7 @@ def drop_over_capacity(expert_index_TK: torch.Tensor, capacity: int, num_experts
     """
     num_tokens, k = expert_index_TK.shape
     flat = expert_index_TK.t().reshape(-1)  # priority order
-    order = torch.argsort(flat, stable=True)
-    per_expert = count_per_expert(flat, num_experts)
-    first_of_expert = torch.cumsum(per_expert, 0) - per_expert
-    rank = torch.empty_like(flat)
-    rank[order] = torch.arange(flat.numel(), device=flat.device) - first_of_expert[flat[order]]
-    flat = torch.where(rank < capacity, flat, torch.full_like(flat, -1))
+    flat = torch.where(positions_in_slot(flat, num_experts) < capacity, flat, torch.full_like(flat, -1))
     return flat.view(k, num_tokens).t().contiguous()
 
 

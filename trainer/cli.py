@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(layer: one FFN sublayer, dense vs MoE vs DeepSpeed's MoE; assign: the BASE "
                                 "solver; train: 2-rank training throughput per router), print its markdown "
                                 "table and append a section to BENCHMARKS.md. See benchmarks/README.md.")
-    bench.add_argument("--suite", default="layer", help="layer (default), assign or train")
+    bench.add_argument("--suite", default="layer", help="layer (default), model, assign or train")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run; implies --no-write")
     bench.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     return parser
@@ -249,7 +249,7 @@ def run_bench(args) -> int:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent  # benchmarks/ sits next to trainer/ in a checkout
-    suites = sorted(p.stem for p in (root / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common"))
+    suites = sorted(p.stem for p in (root / "benchmarks").glob("*.py") if "\ndef main(" in p.read_text())
     if not suites:
         raise UserError("--suite", f"no benchmarks/ folder next to the trainer package (looked in {root})",
                         "The benchmarks ship with the repository, not the wheel: run `hashmoe bench` from a "

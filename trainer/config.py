@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import sys
 import time
 import types
 import typing
@@ -39,7 +41,7 @@ TRAINER_SET_MODEL_FIELDS = {"vocab_size": "Set data.vocab_size instead.",
 
 
 # Keys of the model section that say how to train the model, not what it is: not HashMoEConfig fields.
-TRAINER_MODEL_KEYS = {"gradient_checkpointing": bool}
+TRAINER_MODEL_KEYS = {"gradient_checkpointing": bool, "experts_implementation": str}
 
 
 def model_config_fields(model_section: dict) -> dict:
@@ -87,7 +89,6 @@ class OptimConfig:
 class ParallelConfig:
     ep_size: int = 1  # ranks the experts of each MoE layer are sharded over; divides num_experts and world size
     ds_config: str = "cpu"  # name in ds_configs/ (cpu, zero1_bf16, zero2_bf16) or a path to a JSON file
-    dispatch: str = "stock"  # stock (DeepSpeed's padded MOELayer) | dropless (uneven all-to-all, no padding)
 
 
 @dataclass
@@ -138,7 +139,25 @@ def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | N
         apply_override(raw, item)
     if output_dir is not None:
         raw.setdefault("run", {})["output_dir"] = output_dir
+    for key, why in drop_retired(raw):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"hashmoe: warning: {path}: {key} is no longer used ({why}); delete the line", file=sys.stderr)
     return config_from_dict(raw)
+
+
+# Keys that once meant something: accepted and ignored, so old recipes and run folders still load.
+RETIRED_KEYS = {"parallel.dispatch": "every run uses one dispatcher: uneven all-to-all, no capacity padding"}
+
+
+def drop_retired(raw: dict) -> list[tuple[str, str]]:
+    """Remove retired keys from a raw config (in place); returns (key, why) of each one found."""
+    found = []
+    for key, why in RETIRED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            del raw[section][name]
+            found.append((key, why))
+    return found
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -166,6 +185,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def config_from_dict(raw: dict) -> RunConfig:
+    drop_retired(raw)
     config = _build(RunConfig, raw, "")
     validate(config)
     return config
@@ -223,6 +243,11 @@ def validate(config: RunConfig) -> None:
         if key not in model_fields:
             raise UserError(f"model.{key}", "unknown model field",
                             "See HashMoEConfig in models/configuration_hashmoe.py for the fields.")
+    implementation = config.model.get("experts_implementation")
+    if implementation not in (None, "grouped_mm", "eager"):
+        raise UserError("model.experts_implementation", f"got {implementation!r}",
+                        "Use grouped_mm (torch._grouped_mm), eager (one matmul per expert), or leave it unset "
+                        "(grouped_mm on CUDA, eager on CPU).")
     for key, fix in TRAINER_SET_MODEL_FIELDS.items():
         if key in config.model:
             raise UserError(f"model.{key}", "is set from the tokenizer", fix)
@@ -264,8 +289,6 @@ def validate(config: RunConfig) -> None:
         if model_config.num_experts % parallel.ep_size:
             raise UserError("parallel.ep_size", f"{parallel.ep_size} does not divide model.num_experts="
                             f"{model_config.num_experts}", "Pick an ep_size that divides num_experts.")
-    if parallel.dispatch not in ("stock", "dropless"):
-        raise UserError("parallel.dispatch", f"unknown dispatch {parallel.dispatch!r}", "Use stock or dropless.")
     resolve_ds_config_path(parallel.ds_config)
     for key in ("log_every", "eval_every"):
         if getattr(config.logging, key) < 1:
@@ -301,8 +324,10 @@ def save_resolved(config: RunConfig, run_dir: Path) -> None:
 # ---- reruns into an existing run folder ----------------------------------------------------------------
 CHANGES_FILE = "config_changes.jsonl"  # RUN_DIR/: one row per key changed on a resume (--allow-config-change)
 # Keys that may differ between a run and its resume without changing what is trained: where files live, the
-# progress bar, and the expert-parallel layout (resuming at another ep_size continues the same run).
-UNRECORDED_KEYS = {"run.output_dir", "data.cache_dir", "logging.progress", "parallel.ep_size"}
+# progress bar, the expert-parallel layout (resuming at another ep_size continues the same run) and how the
+# experts' matmuls run (the same function either way).
+UNRECORDED_KEYS = {"run.output_dir", "data.cache_dir", "logging.progress", "parallel.ep_size",
+                   "model.experts_implementation"}
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict:

@@ -24,7 +24,7 @@ from torch import nn
 from trainer.parallel import parallelize
 
 
-def shard_experts(model: nn.Module, ep_size: int, dispatch: str = "dropless") -> nn.Module:
+def shard_experts(model: nn.Module, ep_size: int) -> nn.Module:
     """Shard a hashmoe causal LM's experts over groups of `ep_size` consecutive ranks, in place. Call it on every
     rank, under torchrun / `accelerate launch` / `deepspeed`, before building the Trainer; with one process and
     ep_size 1 it changes nothing but the module type."""
@@ -36,7 +36,7 @@ def shard_experts(model: nn.Module, ep_size: int, dispatch: str = "dropless") ->
                          f"num_experts ({num_experts}). Pick a common divisor, or start more ranks.")
     if not model.config.is_moe:
         raise ValueError("shard_experts: the model has no MoE layer (config.moe_layers is empty); train it as is.")
-    return parallelize(model, ep_size, rank, dispatch)
+    return parallelize(model, ep_size, rank)
 
 
 def deepspeed_config(zero_stage: int = 0, bf16: bool = False) -> dict:

@@ -28,7 +28,7 @@ from trainer.config import (
 from trainer.data import BatchSchedule, PreparedData, prepare_data, valid_shard
 from trainer.distributed import ProcessEnv, collective_device, init_distributed, resolve_env
 from trainer.errors import UserError
-from trainer.metrics import MetricsWriter, StepTimer, load_cv, read_metrics
+from trainer.metrics import MetricsWriter, StepTimer, load_cv, peak_flops, peak_memory_mib, read_metrics
 from trainer.tasks import answer_errors
 
 NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
@@ -39,7 +39,12 @@ def build_model_config(config: RunConfig, data: PreparedData):
     from trainer.config import model_config_fields
 
     return HashMoEConfig(**model_config_fields(config.model), vocab_size=data.vocab_size, eos_token_id=data.eos_token_id,
-                         bos_token_id=data.eos_token_id, pad_token_id=data.eos_token_id)
+                         bos_token_id=data.eos_token_id, pad_token_id=data.eos_token_id,
+                         experts_implementation=config.model.get("experts_implementation"))
+
+
+# How a rank's expert weights are held, recorded in each checkpoint: one bank per layer (LocalExperts).
+EXPERT_PARAMS = "bank"
 
 
 def build_model(config: RunConfig, data: PreparedData):
@@ -274,7 +279,7 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
     model = build_model(config, data)
     counts = model.parameter_counts()
     model_config = model.config
-    parallelize(model, config.parallel.ep_size, env.rank, config.parallel.dispatch)
+    parallelize(model, config.parallel.ep_size, env.rank)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, config.optim.weight_decay),
         config=deepspeed_config(config),
@@ -284,14 +289,20 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
     start_step = plan.start_step
     if plan.checkpoint is not None:
         previous, state = plan.checkpoint, plan.state
-        same_layout = state["world_size"] == env.world_size and state["ep_size"] == config.parallel.ep_size
+        # DeepSpeed's own optimizer files index parameters by position: usable only for the same layout and the
+        # same expert parameters (checkpoints before the one expert bank held one module per slot; their moments
+        # come by name instead, as at a new layout)
+        same_layout = (state["world_size"] == env.world_size and state["ep_size"] == config.parallel.ep_size
+                       and state.get("expert_params") == EXPERT_PARAMS)
         moments = ckpt.load_checkpoint(engine, previous, env.rank, same_layout)
         if env.is_main:
             restored = "optimizer moments restored by name" if moments else (
                 "optimizer moments reset (DeepSpeed cannot re-shard ZeRO-1/2 MoE optimizer state)")
-            note = "" if same_layout else (f" at a new layout (world {state['world_size']}->{env.world_size}, "
-                                           f"ep_size {state['ep_size']}->{config.parallel.ep_size}): weights, "
-                                           f"schedule and data position restored, {restored}")
+            layout = (f"at a new layout (world {state['world_size']}->{env.world_size}, ep_size "
+                      f"{state['ep_size']}->{config.parallel.ep_size})"
+                      if (state["world_size"], state["ep_size"]) != (env.world_size, config.parallel.ep_size)
+                      else "written with one module per expert (an earlier hashmoe)")
+            note = "" if same_layout else f" {layout}: weights, schedule and data position restored, {restored}"
             changed = f"; from here on {describe_changes(plan.changes)}" if plan.changes else ""
             print(f"hashmoe: resuming from {previous} (step {start_step}){note}{changed}", flush=True)
     if env.is_main:  # training starts here: the run folder's record now describes this run
@@ -361,6 +372,8 @@ class TrainLoop:
                                       env.rank, env.world_size, config.run.seed)
         self.tokens_per_step = env.world_size * optim.micro_batch_size * optim.grad_accum * config.data.seq_len
         self.flops_per_token = flops_per_token(model_config, counts, config.data.seq_len)
+        self.device = next(engine.module.parameters()).device
+        self.peak_flops = peak_flops(self.device)
         self.num_moe_layers = len(model_config.moe_layers)
         self.num_experts = model_config.num_experts
         self.metrics: MetricsWriter | None = None  # opened by run(), which knows the step it resumes from
@@ -432,7 +445,7 @@ class TrainLoop:
     def checkpoint_state(self) -> dict:
         return {"world_size": self.env.world_size, "ep_size": self.config.parallel.ep_size,
                 "num_experts": self.num_experts, "data_fingerprint": self.data.fingerprint,
-                "model_config": self.model_config_dict}
+                "model_config": self.model_config_dict, "expert_params": EXPERT_PARAMS}
 
     def train_step(self, step: int) -> None:
         engine = self.engine
@@ -464,9 +477,14 @@ class TrainLoop:
                "train/tokens_per_sec": steps * self.tokens_per_step / seconds if seconds > 0 else float("nan"),
                "train/lr": self.engine.get_lr()[0], "moe/aux_loss": (sums[1] / sums[4]).item()}
         row["train/flops_per_sec"] = row["train/tokens_per_sec"] * self.flops_per_token
-        if self.config.parallel.dispatch == "dropless" and self.config.parallel.ep_size > 1 and seconds > 0:
-            # Measured only on the dropless path, whose all-to-alls we call ourselves; includes waiting for
-            # slower ranks, which is what an imbalanced routing costs.
+        if self.peak_flops is not None:
+            row["train/mfu"] = row["train/flops_per_sec"] / (self.env.world_size * self.peak_flops)
+        peak = torch.tensor([peak_memory_mib(self.device)], device=collective_device())
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        row["memory/peak_rank_mib"] = peak.item()  # the largest over ranks
+        if self.config.parallel.ep_size > 1 and seconds > 0:
+            # The dispatcher's all-to-alls, timed where they are called; includes waiting for slower ranks,
+            # which is what an imbalanced routing costs.
             from trainer.parallel import expert_parallel_layers
 
             comm = sum(layer.comm_timer.seconds for _, layer in expert_parallel_layers(self.engine.module))

@@ -14,6 +14,27 @@ import torch
 from trainer.fileio import write_text_atomic
 
 
+# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity), matched on the device name; MFU is logged
+# only where the peak is known.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far: CUDA memory allocated by torch on a GPU, the peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
 class MetricsWriter:
     """Writes only where `enabled` (rank 0); other ranks get a writer that does nothing."""
 

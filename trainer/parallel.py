@@ -1,34 +1,33 @@
 """Expert parallelism on DeepSpeed, applied to a HashMoEForCausalLM from outside (the torchtitan habit: the
 model file knows nothing of processes).
 
-Shape suffixes: B batch, S sequence, T tokens, D width, K choices per token, G slots (experts x segments).
+Shape suffixes: T tokens, D width, F expert hidden width, S one slot's hidden width, G slots (experts x
+segments) of this rank.
 
-`parallelize(model, ep_size)` replaces every `HashMoESparseMLP` by an `ExpertParallelMoE`, a subclass of
-`deepspeed.moe.layer.MoE`, so that DeepSpeed's engine
+`parallelize(model, ep_size, rank)` replaces every `HashMoESparseMLP` by an `ExpertParallelMoE`. Tokens go
+through the model's own dispatcher (models/experts.py `dispatch`), with an all-to-all exchange over the
+expert-parallel group when it has more than one rank (trainer/expert_exchange.py), into one grouped bank of
+this rank's experts (`LocalExperts`, an `ExpertBank`). The layer subclasses `deepspeed.moe.layer.MoE` for what
+DeepSpeed does well: its engine
   - marks the expert parameters (allreduce=False, group_name="ep_size_N") and reduces their gradients over
-    the expert-data-parallel group only,
-  - writes one checkpoint file per global expert (layer_L_expert_G_mp_rank_00_model_states.pt),
-  - builds the optimizer's expert parameter groups itself.
-Tokens travel through DeepSpeed's MOELayer: our router is its gate (`RouterGate`), so the stock path is:
+    the expert-data-parallel group only, and builds the optimizer's expert parameter groups;
+  - creates the expert-parallel and expert-data-parallel process groups;
+  - writes one checkpoint file per global slot (layer_L_expert_G_mp_rank_00_model_states.pt), from the
+    per-slot keys `LocalExperts` presents in its state dict.
+DeepSpeed's own MOELayer dispatch (a [G, C, D] buffer padded to one capacity) is not used; it stays as a
+benchmark baseline (benchmarks/stock_moe.py).
 
-  1. gate: our router picks expert(s) per token; the gate turns that into DeepSpeed's routes
-     (slot index and position inside the slot's buffer, -1 = dropped) and a capacity C that every rank of
-     the expert-parallel group agrees on (all-reduce MAX of the largest slot load: nothing is dropped
-     that the router kept).
-  2. MOELayer scatters tokens into a [G, C, D] buffer, all-to-all (equal splits) sends slot block r to
-     ep-rank r, each local expert runs on its [ep_size, 1, C, D] rows, the reverse all-to-all brings them
-     back, and the gate weights combine them.
 Multi-hash: each (expert, segment) pair is one DeepSpeed "expert" (slot g = e * segments + m); the segments
-of one expert are consecutive, so they live on the same rank.
-
-Global slot g lives on ep-rank g // G_local at local index g % G_local (DeepSpeed's layout); ep groups are
-runs of consecutive ranks, so a process's ep-rank is rank % ep_size.
+of one expert are consecutive, so they live on the same rank. Global slot g lives on ep-rank g // G_local at
+local index g % G_local (DeepSpeed's layout); ep groups are runs of consecutive ranks, so a process's ep-rank
+is rank % ep_size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import re
 
 import torch
 import torch.distributed as dist
@@ -36,94 +35,102 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import _AllToAll
 from torch import nn
 
-from models.experts import ACTIVATIONS, assignment_slots
-from models.modeling_hashmoe import HashMoEForCausalLM, HashMoESparseMLP, moe_layer_stats
+from models.experts import ExpertBank, dispatch
+from models.modeling_hashmoe import HashMoEForCausalLM, HashMoESparseMLP, experts_implementation, moe_layer_stats
 from models.routing import BaseRouter, RoutingInputs
-from trainer.dropless import CommTimer, dropless_moe
 from trainer.errors import debug_enabled
+from trainer.expert_exchange import AllToAllExchange, CommTimer
+
+SLOT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w[12])$")
 
 
-class ExpertFFN(nn.Module):
-    """One slot (an expert, or one multi-hash segment of it) as DeepSpeed's `Experts` list holds it."""
+class LocalExperts(ExpertBank):
+    """This rank's experts of one layer, `num_experts / ep_size` consecutive experts of the model's bank, in the
+    place of DeepSpeed's `Experts` (deepspeed_moe.experts). Its state dict holds DeepSpeed's per-slot keys,
+    `deepspeed_experts.{local slot}.w1` [S, D] and `.w2` [D, S], and loads them back, so the engine's
+    checkpoint files (and export, and by-name optimizer state) are the same at every ep_size."""
 
-    def __init__(self, hidden_size: int, width: int, activation: str):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.empty(width, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(hidden_size, width))
-        self.act = ACTIVATIONS[activation]
+    def __init__(self, bank: ExpertBank, ep_size: int, ep_rank: int, group_name: str):
+        local = bank.num_experts // ep_size
+        super().__init__(local, bank.w1.shape[2], bank.w1.shape[1], bank.activation, bank.num_segments)
+        if ep_size == 1:  # the model's bank itself: no copy
+            self.w1, self.w2 = bank.w1, bank.w2
+        else:  # this rank's slice; the full bank goes with the module it replaces
+            experts = slice(ep_rank * local, (ep_rank + 1) * local)
+            with torch.no_grad():
+                self.w1.copy_(bank.w1[experts])
+                self.w2.copy_(bank.w2[experts])
+        for param in self.parameters():
+            param.allreduce = False
+            param.group_name = group_name
+        self.register_state_dict_post_hook(LocalExperts._per_slot_keys)
+        self.register_load_state_dict_pre_hook(LocalExperts._bank_keys)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # DeepSpeed hands each expert [ep_size, 1, C, D]; padding rows are zeros and stay zeros.
-        x_ND = x.reshape(-1, x.shape[-1])
-        return (self.act(x_ND @ self.w1.t()) @ self.w2.t()).view(x.shape)
+    def to_slots(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like parameter `name` ("w1" or "w2"), slots leading: [G, S, D] or [G, D, S]."""
+        E, G, S = self.num_experts, self.num_slots, self.segment_size
+        if name == "w1":
+            return tensor.reshape(G, S, tensor.shape[2])
+        return tensor.reshape(E, tensor.shape[1], self.num_segments, S).transpose(1, 2).reshape(G, -1, S)
 
+    def from_slots(self, name: str, slots: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_slots`."""
+        E, F = self.num_experts, self.w1.shape[1]
+        if name == "w1":
+            return slots.reshape(E, F, slots.shape[2])
+        D = slots.shape[1]
+        return slots.reshape(E, self.num_segments, D, self.segment_size).transpose(1, 2).reshape(E, D, F)
 
-def slot_locations(slot_TK: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position of every kept route inside its slot's buffer (first choices first, then token order), and
-    the number of routes per slot. Dropped routes (-1) get location 0, which DeepSpeed ignores."""
-    flat = slot_TK.t().reshape(-1)
-    kept = flat >= 0
-    slot = torch.where(kept, flat, num_slots)  # dropped routes sort last, into a scratch slot
-    order = torch.argsort(slot, stable=True)
-    per_slot = torch.bincount(slot, minlength=num_slots + 1)
-    first = torch.cumsum(per_slot, 0) - per_slot
-    location = torch.empty_like(flat)
-    location[order] = torch.arange(flat.numel(), device=flat.device) - first[slot[order]]
-    location = torch.where(kept, location, torch.zeros_like(location))
-    return location.view(slot_TK.shape[1], slot_TK.shape[0]).t(), per_slot[:num_slots]
+    @staticmethod
+    def _per_slot_keys(module, state_dict, prefix, local_metadata) -> None:
+        for name in ("w1", "w2"):
+            for slot, piece in enumerate(module.to_slots(name, state_dict.pop(prefix + name)).unbind(0)):
+                state_dict[f"{prefix}deepspeed_experts.{slot}.{name}"] = piece
+
+    @staticmethod
+    def _bank_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                   error_msgs) -> None:
+        pieces = {}
+        for key in [k for k in state_dict if k.startswith(prefix + "deepspeed_experts.")]:
+            match = SLOT_KEY.match(key[len(prefix):])
+            if match is not None:
+                pieces[(match[2], int(match[1]))] = state_dict.pop(key)
+        for name in ("w1", "w2"):
+            slots = [pieces.get((name, g)) for g in range(module.num_slots)]
+            if all(piece is not None for piece in slots):
+                state_dict[prefix + name] = module.from_slots(name, torch.stack(slots))
+            else:  # missing keys are reported as the per-slot names DeepSpeed's files use
+                missing_keys += [f"{prefix}deepspeed_experts.{g}.{name}" for g, p in enumerate(slots) if p is None]
 
 
 class RouterGate(nn.Module):
-    """DeepSpeed's gate protocol (0.19.4+) around a hashmoe router. Token ids arrive in `self.routing`, set by
-    `ExpertParallelMoE.forward` just before the call (DeepSpeed's gate sees only hidden states)."""
+    """Holds the hashmoe router where DeepSpeed's MOELayer keeps its gate (checkpoint keys
+    `...deepspeed_moe.gate.router.*`), and takes the expert-parallel group DeepSpeed hands the gate."""
 
-    def __init__(self, router: nn.Module, num_slots: int, num_segments: int):
+    def __init__(self, router: nn.Module):
         super().__init__()
         self.router = router
-        self.num_slots = num_slots
-        self.num_segments = num_segments
         self.ep_group = None
-        self.routing: RoutingInputs | None = None
-        self.last_routed = None
 
     def _set_ep_group(self, group) -> None:  # called by deepspeed.initialize
         self.ep_group = group
 
-    def forward(self, x_TD, used_token=None, sparse_routes=True, use_tutel=False):
-        routed = self.router(x_TD, self.routing)
-        self.last_routed = routed
-        slot_TK = assignment_slots(routed.expert_index_TK, self.num_segments)
-        location_TK, tokens_per_slot = slot_locations(slot_TK, self.num_slots)
-        capacity = tokens_per_slot.max().clamp(min=1).reshape(1)
-        if self.ep_group is not None and dist.get_world_size(group=self.ep_group) > 1:
-            dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)  # equal buffers on all ranks
-        return (routed.aux_loss, int(capacity), self.num_slots, slot_TK.t(), location_TK.t(),
-                routed.expert_weight_TK.t().float(), tokens_per_slot)
-
 
 class ExpertParallelMoE(MoE):
-    """A model's MoE FFN, its experts sharded over the expert-parallel group, tokens moved by DeepSpeed."""
+    """A model's MoE FFN, its experts sharded over the expert-parallel group."""
 
-    def __init__(self, sparse_mlp: HashMoESparseMLP, ep_size: int, ep_rank: int, activation: str,
-                 dispatch: str = "stock"):
+    def __init__(self, sparse_mlp: HashMoESparseMLP, ep_size: int, ep_rank: int):
         bank = sparse_mlp.experts
-        hidden_size = bank.w1.shape[2]
-        template = ExpertFFN(hidden_size, bank.segment_size, activation)
-        super().__init__(hidden_size=hidden_size, expert=template, num_experts=bank.num_slots, ep_size=ep_size,
-                         k=1, drop_tokens=False, use_rts=False)
+        # DeepSpeed's MoE builds a MOELayer with its own gate and per-expert copies of a template; both are
+        # replaced below, so the template is an empty module.
+        super().__init__(hidden_size=bank.w1.shape[2], expert=nn.Identity(), num_experts=bank.num_slots,
+                         ep_size=ep_size, k=1, drop_tokens=False, use_rts=False)
+        self.config = sparse_mlp.config
         self.num_model_experts = bank.num_experts
-        self.dispatch = dispatch
         self.comm_timer = CommTimer()
         self.shuffle_tokens = isinstance(sparse_mlp.router, BaseRouter)
-        self.deepspeed_moe.gate = RouterGate(sparse_mlp.router, bank.num_slots, bank.num_segments)
-        # Experts are deep copies of one template: copy each slot's weights from the model's full bank, so
-        # every ep_size starts from the same model.
-        local = bank.num_slots // ep_size
-        w1_G, w2_G = bank.slot_weights()
-        with torch.no_grad():
-            for i, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
-                expert.w1.copy_(w1_G[ep_rank * local + i])
-                expert.w2.copy_(w2_G[ep_rank * local + i])
+        self.deepspeed_moe.gate = RouterGate(sparse_mlp.router)
+        self.deepspeed_moe.experts = LocalExperts(bank, ep_size, ep_rank, self.expert_group_name)
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
         # DeepSpeed prints "No existing process group found, creating a new group named ..." for every layer of
@@ -131,9 +138,15 @@ class ExpertParallelMoE(MoE):
         with contextlib.nullcontext() if debug_enabled() else contextlib.redirect_stdout(io.StringIO()):
             super()._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
+    @property
+    def router(self) -> nn.Module:
+        return self.deepspeed_moe.gate.router
+
+    @property
+    def local_experts(self) -> LocalExperts:
+        return self.deepspeed_moe.experts
+
     def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs):
-        gate = self.deepspeed_moe.gate
-        gate.routing = routing
         group = self.deepspeed_moe.ep_group
         shuffle = self.shuffle_tokens and self.training and self.ep_size > 1
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
@@ -142,26 +155,22 @@ class ExpertParallelMoE(MoE):
             # worker's balanced assignment sees a random sample rather than its own sequences.
             perm_T = torch.randperm(x_TD.shape[0], device=x_TD.device)
             x_TD = _AllToAll.apply(group, x_TD[perm_T].contiguous())
-        if self.dispatch == "dropless":
-            routed = gate.router(x_TD, routing)
-            gate.last_routed = routed
-            slot_TK = assignment_slots(routed.expert_index_TK, gate.num_segments)
-            y_TD = dropless_moe(x_TD, slot_TK, routed.expert_weight_TK, self.deepspeed_moe.experts.deepspeed_experts,
-                                gate.num_slots, self.ep_size, group, self.comm_timer)
-        else:
-            y_TD, _, _ = super().forward(x_TD)
+        routed = self.router(x_TD, routing)
+        exchange = None
+        if self.ep_size > 1:
+            exchange = AllToAllExchange(self.num_experts, self.ep_size, group, self.comm_timer)
+        y_TD = dispatch(x_TD, routed.expert_index_TK, routed.expert_weight_TK, self.local_experts, exchange,
+                        experts_implementation(self.config))
         if shuffle:
             y_TD = torch.empty_like(y_TD).index_copy_(0, perm_T, _AllToAll.apply(group, y_TD.contiguous()))
-        return y_TD.view_as(x_BSD), moe_layer_stats(gate.last_routed, self.num_model_experts)
+        return y_TD.view_as(x_BSD), moe_layer_stats(routed, self.num_model_experts)
 
 
-def parallelize(model: HashMoEForCausalLM, ep_size: int, rank: int, dispatch: str = "stock") -> HashMoEForCausalLM:
-    """Swap each MoE FFN for its expert-parallel twin (in place). Call before deepspeed.initialize.
-    `dispatch`: "stock" (DeepSpeed's MOELayer, padded to a common capacity) or "dropless" (trainer/dropless.py);
-    both keep DeepSpeed's groups, parameter marking and checkpoint layout, so checkpoints are interchangeable."""
+def parallelize(model: HashMoEForCausalLM, ep_size: int, rank: int) -> HashMoEForCausalLM:
+    """Swap each MoE FFN for its expert-parallel twin (in place). Call before deepspeed.initialize."""
     for block in model.model.layers:
         if isinstance(block.mlp, HashMoESparseMLP):
-            block.mlp = ExpertParallelMoE(block.mlp, ep_size, rank % ep_size, model.config.hidden_act, dispatch)
+            block.mlp = ExpertParallelMoE(block.mlp, ep_size, rank % ep_size)
     return model
 
 

@@ -9,34 +9,34 @@ the moments of the parameters it holds. ZeRO-1/2 partition state into flat buffe
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
-
-LOCAL_EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
-
 
 def supported(engine) -> bool:
     return isinstance(engine.optimizer, torch.optim.Optimizer) and engine.zero_optimization_stage() == 0
 
 
-def global_names(engine) -> dict[torch.nn.Parameter, str]:
-    """Parameter -> name with the local expert index replaced by the global slot."""
+def parameter_names(engine) -> dict[torch.nn.Parameter, str | list[str]]:
+    """Parameter -> its name; an expert bank's parameter -> the global name of each of its slots, as DeepSpeed's
+    checkpoint files name them (`P.deepspeed_moe.experts.deepspeed_experts.{global slot}.w1`)."""
     from trainer.parallel import expert_parallel_layers
 
-    offsets = {}
-    for name, layer in expert_parallel_layers(engine.module):
-        ep_rank = torch.distributed.get_rank() % layer.ep_size
-        offsets[name] = ep_rank * layer.num_local_experts
-    names = {}
-    for name, param in engine.module.named_parameters():
-        prefix = name.split(".deepspeed_moe.")[0]
-        if prefix in offsets:
-            offset = offsets[prefix]
-            name = LOCAL_EXPERT.sub(lambda m, offset=offset: f"{m[1]}{int(m[2]) + offset}{m[3]}", name)
-        names[param] = name
+    names = {param: name for name, param in engine.module.named_parameters()}
+    for prefix, layer in expert_parallel_layers(engine.module):
+        bank = layer.local_experts
+        first = (torch.distributed.get_rank() % layer.ep_size) * bank.num_slots
+        for which in ("w1", "w2"):
+            names[getattr(bank, which)] = [f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{first + g}.{which}"
+                                           for g in range(bank.num_slots)]
     return names
+
+
+def _banks(engine) -> dict[torch.nn.Parameter, tuple]:
+    from trainer.parallel import expert_parallel_layers
+
+    return {getattr(layer.local_experts, which): (layer.local_experts, which)
+            for _, layer in expert_parallel_layers(engine.module) for which in ("w1", "w2")}
 
 
 def save(engine, folder: Path, rank: int) -> None:
@@ -44,10 +44,23 @@ def save(engine, folder: Path, rank: int) -> None:
     loader keeps the first copy it finds."""
     if not supported(engine):
         return
-    names = global_names(engine)
-    state = {names[p]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-             for p, s in engine.optimizer.state.items() if p in names}
+    names, banks = parameter_names(engine), _banks(engine)
+    state = {}
+    for param, param_state in engine.optimizer.state.items():
+        if param not in names:
+            continue
+        if param not in banks:
+            state[names[param]] = {k: v.clone() if torch.is_tensor(v) else v for k, v in param_state.items()}
+            continue
+        bank, which = banks[param]
+        for slot, name in enumerate(names[param]):  # moments shaped like the bank are split slot by slot
+            state[name] = {k: bank.to_slots(which, v)[slot].clone() if _shaped_like(v, param) else
+                           (v.clone() if torch.is_tensor(v) else v) for k, v in param_state.items()}
     torch.save(state, Path(folder) / f"optim_by_name_rank_{rank}.pt")
+
+
+def _shaped_like(value, param) -> bool:
+    return torch.is_tensor(value) and value.shape == param.shape
 
 
 def load(engine, folder: Path) -> bool:
@@ -59,10 +72,21 @@ def load(engine, folder: Path) -> bool:
     for path in files:
         for name, state in torch.load(path, map_location="cpu", weights_only=True).items():
             by_name.setdefault(name, state)
-    names = global_names(engine)
+    names, banks = parameter_names(engine), _banks(engine)
     for group in engine.optimizer.param_groups:
         for param in group["params"]:
-            saved = by_name.get(names[param])
-            if saved is not None:
-                engine.optimizer.state[param] = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved.items()}
+            if param not in banks:
+                saved = by_name.get(names[param])
+                if saved is not None:
+                    engine.optimizer.state[param] = {k: v.clone() if torch.is_tensor(v) else v
+                                                     for k, v in saved.items()}
+                continue
+            slots = [by_name.get(name) for name in names[param]]
+            if any(s is None for s in slots):
+                continue
+            bank, which = banks[param]
+            engine.optimizer.state[param] = {
+                key: bank.from_slots(which, torch.stack([s[key] for s in slots])).clone()
+                if torch.is_tensor(value) and value.dim() > 0 else (value.clone() if torch.is_tensor(value) else value)
+                for key, value in slots[0].items()}
     return True

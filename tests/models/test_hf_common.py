@@ -56,6 +56,10 @@ class HashMoEModelTester:
 
 NEEDS_IDS = ("a hash router chooses experts by token id, so embeddings alone are refused with a ValueError "
              "(checked in test_generate_from_inputs_embeds, with ids and embeddings together)")
+EXPERTS_INTERFACE = ("the test counts calls of transformers' own experts functions (batched_mm / grouped_mm over "
+                     "gate_up_proj weights); hashmoe's ExpertBank is its own module with its own grouped_mm and "
+                     "eager paths, tested equal in tests/models/test_experts.py and test_modeling.py "
+                     "(test_experts_implementations_give_the_same_model)")
 HASH_SKIPS = {"test_inputs_embeds": NEEDS_IDS, "test_inputs_embeds_matches_input_ids": NEEDS_IDS}
 
 
@@ -73,6 +77,8 @@ class HashMoECommonTests(ModelTesterMixin, GenerationTesterMixin):
         name = self._testMethodName
         if name in self.skips:
             self.skipTest(self.skips[name])
+        if name.startswith("test_eager_matches_batched_and_grouped_inference"):
+            self.skipTest(EXPERTS_INTERFACE)
 
     def test_config(self):
         self.config_tester.run_common_tests()

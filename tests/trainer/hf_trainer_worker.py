@@ -36,7 +36,7 @@ def main(config_path: str, out_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     config = load_config(config_path)
     data = prepare_data(config.data, config.run.seed, is_main=False)  # the hashmoe run prepared the cache
-    model = shard_experts(build_model(config, data), config.parallel.ep_size, config.parallel.dispatch)
+    model = shard_experts(build_model(config, data), config.parallel.ep_size)
     optim = config.optim
     schedule = BatchSchedule(len(data.train_blocks), optim.micro_batch_size, rank, world, config.run.seed)
     micro_batches = []

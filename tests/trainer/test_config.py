@@ -89,6 +89,15 @@ def test_empty_file_and_empty_sections_give_defaults(tmp_path):
     assert config == RunConfig()
 
 
+def test_the_retired_dispatch_key_is_ignored_with_a_warning(tmp_path, capsys):
+    """parallel.dispatch (stock | dropless) is gone: one dispatcher serves every run. Old recipes still load."""
+    config = load_config(write_yaml(tmp_path / "old.yaml", "parallel:\n  dispatch: stock\n  ep_size: 1\n"))
+    assert config == RunConfig()
+    err = capsys.readouterr().err
+    assert "parallel.dispatch is no longer used" in err and "delete the line" in err
+    assert config_from_dict({"parallel": {"dispatch": "dropless"}}) == RunConfig()  # a run folder's config.yaml
+
+
 def test_ints_are_coerced_to_float(tmp_path):
     path = write_yaml(tmp_path / "run.yaml", "optim:\n  lr: 1\n  min_lr_ratio: 0\n  betas: [1, 0]\n"
                                               "  grad_clip: 2\n")
@@ -281,6 +290,7 @@ def test_semantic_errors_name_the_key(overrides, key, fix):
     (["model.dropout=1.5"], "model.dropout", "Use a probability in [0, 1)"),
     (["model.hash_heads=2"], "model.hash_heads", "Use hash_heads=1, or one of"),
     (["model.capacity_factor=0"], "model.capacity_factor", "or null for no capacity (dropless)"),
+    (["model.experts_implementation=batched_mm"], "model.experts_implementation", "Use grouped_mm"),
 ])
 def test_model_field_errors_name_the_model_field(overrides, key, fix):
     err = tiny_error(*overrides)

@@ -196,3 +196,17 @@ def test_load_cv(counts, expected):
 
 def test_load_cv_returns_a_float():
     assert type(load_cv(torch.tensor([1, 3]))) is float
+
+
+def test_peak_flops_is_known_by_device_name_and_only_on_a_gpu(monkeypatch):
+    from trainer.metrics import peak_flops, peak_memory_mib
+
+    assert peak_flops(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert peak_flops(torch.device("cuda", 0)) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert peak_flops(torch.device("cuda", 0)) is None
+    before = peak_memory_mib(torch.device("cpu"))
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert peak_memory_mib(torch.device("cpu")) >= before and peak_memory_mib(torch.device("cpu")) > 64
+    del block

@@ -103,8 +103,10 @@ def test_metrics_jsonl_and_tensorboard_carry_the_named_tags(corpus, tmp_path):
     check(run(train_command(write_config(tmp_path / "run.yaml", config), 1)))
     rows = [r for r in __import__("trainer.metrics", fromlist=["x"]).read_metrics(run_dir)]
     train_tags = {"train/loss", "train/ppl", "train/updates_per_sec", "train/tokens_per_sec", "train/lr",
-                  "moe/aux_loss", "moe/dropped_frac", "moe/load_cv"}
+                  "moe/aux_loss", "moe/dropped_frac", "moe/load_cv", "memory/peak_rank_mib"}
     assert train_tags <= set(rows[-2]) | set(rows[-1])
+    assert "train/mfu" not in rows[-2]  # no known peak on CPU
+    assert 100 < rows[-2]["memory/peak_rank_mib"] < 24 * 1024  # the trainer's resident set, in MiB
     assert {"valid/loss", "valid/ppl"} <= set(rows[-1])
     assert rows[0]["params/total"] > rows[0]["params/active"] > 0
     last = train_rows(run_dir)[4]
