@@ -28,8 +28,9 @@ class ExpertFFN(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # DeepSpeed hands each expert [ep_size, 1, C, D]; padding rows are zeros and stay zeros.
-        x_ND = x.reshape(-1, x.shape[-1])
+        # DeepSpeed hands each expert [ep_size, 1, C, D]; padding rows are zeros and stay zeros. Its dispatch
+        # runs in the gate's fp32: back to the weights' dtype (bf16 on a GPU).
+        x_ND = x.reshape(-1, x.shape[-1]).to(self.w1.dtype)
         return (self.act(x_ND @ self.w1.t()) @ self.w2.t()).view(x.shape)
 
 
