@@ -87,7 +87,7 @@ def run_config(sizes: dict, router: str, run_dir: Path) -> dict:
                  "cache_dir": str(ROOT / "data_cache")},
         "optim": {"lr": 2e-3, "warmup_steps": 10, "max_steps": sizes["steps"], "micro_batch_size": sizes["micro_batch"]},
         "parallel": {"ep_size": 1 if router == "dense" else NPROC, "ds_config": "cpu"},
-        "logging": {"log_every": sizes["log_every"], "eval_every": 10 * sizes["steps"], "eval_batches": 2,
+        "logging": {"log_every": sizes["log_every"], "eval_every": 10 * sizes["steps"], "eval_blocks": 16,
                     "tensorboard": False, "progress": False},
         "checkpoint": {"every": 0, "keep": 1},
     }

@@ -42,8 +42,9 @@ class RunSummary:
     params: dict = field(default_factory=dict)  # total / trainable / frozen / active ... (step-0 row)
     flops_per_token: float | None = None
     tokens_per_step: float | None = None
-    updates_per_sec: float | None = None  # mean over logged windows, warm-up window excluded
+    updates_per_sec: float | None = None  # logged steps / optimizer seconds over the whole run
     tokens_per_sec: float | None = None
+    elapsed_seconds: float | None = None  # wall clock of every command that trained it (time/elapsed_s)
     dropped_frac: float | None = None
     load_cv: float | None = None
     steps: int = 0  # last trained step
@@ -60,8 +61,8 @@ class RunSummary:
 
     @property
     def wall_seconds(self) -> float | None:
-        """Optimizer time at the steady rate: steps / mean updates/s (no warm-up, eval or checkpoint time)."""
-        return self.steps / self.updates_per_sec if self.updates_per_sec else None
+        """The run's wall clock: set-up, evaluation and checkpoints included."""
+        return self.elapsed_seconds
 
     def model(self, key: str, default=None):
         return self.config.get(f"model.{key}", default)
@@ -135,23 +136,28 @@ def collect_run(path, defaults: dict | None = None) -> RunSummary:
     run.params = {k.split("/", 1)[1]: v for k, v in first.items() if k.startswith("params/")}
     run.flops_per_token = first.get("train/flops_per_token")
     train = [r for r in rows if "train/updates_per_sec" in r]
-    # The first window holds compilation, allocator and cache warm-up: leave it out once there is enough left.
-    steady = train[1:] if len(train) >= 3 else train
-    run.updates_per_sec = _mean(r["train/updates_per_sec"] for r in steady)
-    run.tokens_per_sec = _mean(r.get("train/tokens_per_sec") for r in steady)
     run.dropped_frac = _mean(r.get("moe/dropped_frac") for r in train)
     run.load_cv = _mean(r.get("moe/load_cv") for r in train)
     run.steps = max((r["step"] for r in train), default=0)
-    # Every row has tokens/s = updates/s x tokens per step, so the ratio of the means is exact.
-    if run.updates_per_sec and run.tokens_per_sec:
-        run.tokens_per_step = run.tokens_per_sec / run.updates_per_sec
-    # Each row covers the steps since the previous row at its measured rate; their sum is optimizer time.
-    seconds, previous = 0.0, 0
+    # Every row has tokens/s = updates/s x tokens per step.
+    rated = [r for r in train if (r["train/updates_per_sec"] or 0) > 0 and r.get("train/tokens_per_sec")]
+    if rated:
+        run.tokens_per_step = rated[-1]["train/tokens_per_sec"] / rated[-1]["train/updates_per_sec"]
+    # Each row covers the steps since the previous row at its measured rate; their sum is optimizer time, and
+    # the run's rate is steps over that time (not a mean of the windows' rates, which overweights fast windows).
+    seconds, previous, timed_steps = 0.0, 0, 0
     for r in train:
         if (r["train/updates_per_sec"] or 0) > 0:
             seconds += (r["step"] - previous) / r["train/updates_per_sec"]
+            timed_steps += r["step"] - previous
         previous = r["step"]
         run.train_time.append((r["step"], seconds))
+    if seconds > 0:
+        run.updates_per_sec = timed_steps / seconds
+        run.tokens_per_sec = run.updates_per_sec * run.tokens_per_step if run.tokens_per_step else None
+    run.elapsed_seconds = next((r["time/elapsed_s"] for r in reversed(train) if "time/elapsed_s" in r), None)
+    if train and run.elapsed_seconds is None:
+        run.notes.append("no time/elapsed_s in its metrics (trained by an older hashmoe): wall time unknown")
     run.valid = [(r["step"], r["valid/ppl"]) for r in rows if "valid/ppl" in r]
     run.exact_match = [(r["step"], r["valid/exact_match_error"]) for r in rows if "valid/exact_match_error" in r]
     if not run.valid:
@@ -294,10 +300,10 @@ def render_report(runs: list[RunSummary], keys: list[str]) -> str:
     notes = [f"- {r.label}: {n}" for r in runs for n in r.notes]
     lines += ["", "## Notes"] + (notes or ["- none"])
     lines += ["", "## How the numbers are computed",
-              "- updates/s, tokens/s: mean of the logged windows' rates (optimizer steps only: the trainer "
-              "excludes evaluation and checkpointing), without the first window (warm-up) when a run has >= 3.",
-              "- wall time: trained steps / mean updates/s, i.e. optimizer time at the steady rate "
-              "(no warm-up, evaluation or checkpointing).",
+              "- updates/s, tokens/s: logged steps / optimizer seconds over the whole run (the trainer's timer "
+              "excludes evaluation and checkpointing; the first window, with its warm-up, is included).",
+              "- wall time: the run's wall clock (`time/elapsed_s`: set-up, evaluation and checkpoints included, "
+              "summed over the commands that trained it, each up to its last checkpoint).",
               "- dropped frac, load CV: mean over all logged windows. ppl: validation perplexity at the last "
               "evaluation (final) and the lowest one (best).",
               "- time axis: sum over windows of steps / measured updates/s. FLOPs axis: step x "
@@ -354,7 +360,7 @@ def write_plots(runs: list[RunSummary], out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(timed) + 2), 4.5))
     ax.bar(range(len(timed)), [r.updates_per_sec for r in timed], color="tab:blue")
     ax.set_xticks(range(len(timed)), [r.label for r in timed], rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel="updates/s (mean, warm-up excluded)", title=PLOTS["updates_per_sec.png"])
+    ax.set(ylabel="updates/s (steps / optimizer seconds)", title=PLOTS["updates_per_sec.png"])
     save(fig, "updates_per_sec.png")
 
     final_vs_params(evaluated, out_dir, plt, save)

@@ -95,7 +95,7 @@ class ParallelConfig:
 class LoggingConfig:
     log_every: int = 10
     eval_every: int = 100  # also evaluated at the last step
-    eval_batches: int = 0  # 0 = the whole validation split
+    eval_blocks: int = 0  # the first N blocks of the validation split, the same on any number of ranks; 0 = all
     tensorboard: bool = True
     progress: bool = True
 
@@ -141,22 +141,29 @@ def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | N
         raw.setdefault("run", {})["output_dir"] = output_dir
     for key, why in drop_retired(raw):
         if os.environ.get("RANK", "0") == "0":
-            print(f"hashmoe: warning: {path}: {key} is no longer used ({why}); delete the line", file=sys.stderr)
+            print(f"hashmoe: warning: {path}: {key} is retired ({why}); update the file", file=sys.stderr)
     return config_from_dict(raw)
 
 
-# Keys that once meant something: accepted and ignored, so old recipes and run folders still load.
-RETIRED_KEYS = {"parallel.dispatch": "every run uses one dispatcher: uneven all-to-all, no capacity padding"}
+# Keys that once meant something: old recipes and run folders still load. (key, what became of it).
+RETIRED_KEYS = {"parallel.dispatch": "every run uses one dispatcher: uneven all-to-all, no capacity padding",
+                "logging.eval_batches": "the validation set is logging.eval_blocks blocks, the same on any number "
+                                        "of ranks; read as eval_batches x optim.micro_batch_size"}
 
 
 def drop_retired(raw: dict) -> list[tuple[str, str]]:
-    """Remove retired keys from a raw config (in place); returns (key, why) of each one found."""
+    """Rewrite retired keys of a raw config in place (dropped, or turned into their successor); returns
+    (key, why) of each one found."""
     found = []
     for key, why in RETIRED_KEYS.items():
         section, name = key.split(".")
-        if isinstance(raw.get(section), dict) and name in raw[section]:
-            del raw[section][name]
-            found.append((key, why))
+        if not (isinstance(raw.get(section), dict) and name in raw[section]):
+            continue
+        value = raw[section].pop(name)
+        found.append((key, why))
+        if key == "logging.eval_batches" and "eval_blocks" not in raw[section] and isinstance(value, int):
+            optim = raw.get("optim") if isinstance(raw.get("optim"), dict) else {}
+            raw[section]["eval_blocks"] = value * optim.get("micro_batch_size", OptimConfig.micro_batch_size)
     return found
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,6 +257,8 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
 
     from trainer.parallel import check_expert_groups, parallelize
 
+    started = time.perf_counter()  # the command's wall clock (time/elapsed_s): set-up, evaluation, saving included
+
     env = resolve_env()
     stop = StopRequest(announce=env.is_main)
     check_world_size(config, env.world_size)
@@ -310,7 +313,10 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
         if plan.changes:
             record_changes(run_dir, plan.changes, start_step)
 
-    summary = TrainLoop(config, env, engine, data, model_config, counts, stop).run(start_step)
+    loop = TrainLoop(config, env, engine, data, model_config, counts, stop)
+    # a resumed run's clock goes on from what its checkpoint had used (time after that checkpoint is lost)
+    loop.elapsed_before = plan.state.get("elapsed_seconds", 0.0) + (loop.created - started)
+    summary = loop.run(start_step)
     if on_finish is not None:
         on_finish(engine)
     if summary["stopped_early"]:
@@ -377,6 +383,8 @@ class TrainLoop:
         self.num_moe_layers = len(model_config.moe_layers)
         self.num_experts = model_config.num_experts
         self.metrics: MetricsWriter | None = None  # opened by run(), which knows the step it resumes from
+        self.elapsed_before = 0.0  # wall seconds before this loop started: set-up, and earlier commands' share
+        self.created = time.perf_counter()
         self.stop = stop or StopRequest()
         self.reset_window()
 
@@ -445,7 +453,12 @@ class TrainLoop:
     def checkpoint_state(self) -> dict:
         return {"world_size": self.env.world_size, "ep_size": self.config.parallel.ep_size,
                 "num_experts": self.num_experts, "data_fingerprint": self.data.fingerprint,
-                "model_config": self.model_config_dict, "expert_params": EXPERT_PARAMS}
+                "model_config": self.model_config_dict, "expert_params": EXPERT_PARAMS,
+                "elapsed_seconds": self.elapsed_seconds()}
+
+    def elapsed_seconds(self) -> float:
+        """Wall seconds of the whole run so far (every command that trained it, up to its last checkpoint)."""
+        return self.elapsed_before + time.perf_counter() - self.created
 
     def train_step(self, step: int) -> None:
         engine = self.engine
@@ -477,6 +490,7 @@ class TrainLoop:
                "train/tokens_per_sec": steps * self.tokens_per_step / seconds if seconds > 0 else float("nan"),
                "train/lr": self.engine.get_lr()[0], "moe/aux_loss": (sums[1] / sums[4]).item()}
         row["train/flops_per_sec"] = row["train/tokens_per_sec"] * self.flops_per_token
+        row["time/elapsed_s"] = self.elapsed_seconds()
         if self.peak_flops is not None:
             row["train/mfu"] = row["train/flops_per_sec"] / (self.env.world_size * self.peak_flops)
         peak = torch.tensor([peak_memory_mib(self.device)], device=collective_device())
@@ -502,21 +516,21 @@ class TrainLoop:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
-        """Mean next-token loss over the validation split, every rank on its shard. All ranks run the same
-        number of forward passes (expert all-to-alls are collective): short shards repeat a block, masked."""
+        """Mean next-token loss over the validation set: the first `logging.eval_blocks` blocks of the split (all
+        of them for 0), the same blocks whatever the world size, micro batch or ep_size, split over the ranks. All
+        ranks run the same number of forward passes (expert all-to-alls are collective): short shares repeat a
+        block, masked."""
         engine, optim = self.engine, self.config.optim
         engine.eval()
-        shard = valid_shard(self.data.valid_blocks, self.env.rank, self.env.world_size)
-        longest = math.ceil(len(self.data.valid_blocks) / self.env.world_size)
-        if self.config.logging.eval_batches:
-            longest = min(longest, self.config.logging.eval_batches * optim.micro_batch_size)
-        shard = shard[:longest]
+        count = self.config.logging.eval_blocks or len(self.data.valid_blocks)
+        shard = valid_shard(self.data.valid_blocks[:count], self.env.rank, self.env.world_size)
+        longest = math.ceil(min(count, len(self.data.valid_blocks)) / self.env.world_size)
         real = torch.zeros(longest, dtype=torch.bool)
         real[: len(shard)] = True
         task = self.data.valid_labels is not None
         if task:
-            labels = valid_shard(self.data.valid_labels, self.env.rank, self.env.world_size)[:longest]
-            units = valid_shard(self.data.valid_units, self.env.rank, self.env.world_size)[:longest]
+            labels = valid_shard(self.data.valid_labels[:count], self.env.rank, self.env.world_size)
+            units = valid_shard(self.data.valid_units[:count], self.env.rank, self.env.world_size)
         if len(shard) < longest:
             pad = longest - len(shard)
             shard = torch.cat([shard, self.data.valid_blocks[:1].expand(pad, -1)])

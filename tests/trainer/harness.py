@@ -41,7 +41,7 @@ def base_config(run_dir: Path, corpus: Path, cache: Path, **overrides) -> dict:
                  "valid_fraction": 0.1, "cache_dir": str(cache)},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 8, "micro_batch_size": 4, "grad_clip": 0.0},
         "parallel": {"ep_size": 1, "ds_config": "cpu"},
-        "logging": {"log_every": 1, "eval_every": 4, "eval_batches": 2, "tensorboard": True, "progress": False},
+        "logging": {"log_every": 1, "eval_every": 4, "eval_blocks": 8, "tensorboard": True, "progress": False},
         "checkpoint": {"every": 4, "keep": 3},
     }
     for dotted, value in overrides.items():

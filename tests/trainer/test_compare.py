@@ -25,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run(root: Path, name: str, model: dict, rates: list[float], ppls: dict[int, float],
-             dropped: list[float] | None = None, summary: dict | None = None) -> Path:
+             dropped: list[float] | None = None, summary: dict | None = None, elapsed: bool = True) -> Path:
     """A run folder as trainer/loop.py writes it: training rows every 10 steps at `rates` updates/s, eval rows
     at the steps of `ppls`, one expert-load histogram per MoE layer per window."""
     run_dir = root / name
@@ -44,6 +44,8 @@ def make_run(root: Path, name: str, model: dict, rates: list[float], ppls: dict[
         step = 10 * (i + 1)
         row = {"train/loss": 5.0, "train/updates_per_sec": rate, "train/tokens_per_sec": rate * TOKENS_PER_STEP,
                "train/flops_per_sec": rate * TOKENS_PER_STEP * 1000.0, "moe/aux_loss": 0.0}
+        if elapsed:  # the command's wall clock: 30 s per window, set-up and evaluation included
+            row["time/elapsed_s"] = 30.0 * (i + 1)
         if moe_layers:
             row |= {"moe/dropped_frac": dropped[i] if dropped else 0.0, "moe/load_cv": 0.1}
             for layer in range(len(moe_layers)):
@@ -70,7 +72,8 @@ def runs(tmp_path_factory) -> list[Path]:
                  {20: 100.0, 40: 80.0}, summary=finished),
         make_run(root, "switch", {"moe_layers": [1], "num_experts": 4, "router": "switch"}, [0.5, 1.0, 2.0],
                  {20: 90.0, 30: 95.0}, dropped=[0.1, 0.2, 0.3], summary={"step": 30, "stopped_early": True}),
-        make_run(root, "unfinished", {"moe_layers": [1], "num_experts": 8, "router": "hash"}, [1.0, 1.0], {}),
+        make_run(root, "unfinished", {"moe_layers": [1], "num_experts": 8, "router": "hash"}, [1.0, 1.0], {},
+                 elapsed=False),
         root / "missing",
     ]
 
@@ -90,16 +93,20 @@ def table(text: str) -> dict[str, dict[str, str]]:
 def test_collect_run_numbers(runs):
     run = collect_run(runs[1])
     assert run.status == "finished"
-    assert run.updates_per_sec == pytest.approx(8 / 3)  # the first window (1.0) is warm-up
-    assert run.tokens_per_sec == pytest.approx(8 / 3 * TOKENS_PER_STEP)
+    # 40 steps in 10 + 5 + 5 + 2.5 optimizer seconds: not the mean of the windows' rates (2.25, or 8/3
+    # without the first), which overweights the fast windows
+    assert run.updates_per_sec == pytest.approx(40 / 22.5)
+    assert run.tokens_per_sec == pytest.approx(40 / 22.5 * TOKENS_PER_STEP)
     assert run.tokens_per_step == pytest.approx(TOKENS_PER_STEP)
-    assert run.wall_seconds == pytest.approx(15.0)  # 40 steps / (8/3) updates/s
+    assert run.wall_seconds == pytest.approx(120.0)  # the last time/elapsed_s
     assert run.train_time[-1] == (40, pytest.approx(10 + 5 + 5 + 2.5))
     assert run.valid == [(20, 100.0), (40, 80.0)]
     assert run.expert_load == [[3.0, 1.0, 1.0, 1.0]]  # the last histogram only
     switch = collect_run(runs[2])
     assert switch.dropped_frac == pytest.approx(0.2)
-    assert switch.updates_per_sec == pytest.approx(1.5)
+    assert switch.updates_per_sec == pytest.approx(30 / 35)
+    unfinished = collect_run(runs[3])
+    assert unfinished.wall_seconds is None and any("wall time unknown" in n for n in unfinished.notes)
     assert collect_run(runs[4]).status == "missing"
 
 
@@ -116,13 +123,13 @@ def test_table_rows_labels_and_statuses(report):
     assert (switch["router"], switch["hash function"], switch["experts"]) == ("switch", "-", "4")
     assert (hashed["params total"], hashed["params trainable"], hashed["params active"]) == ("3.16M", "3.00M",
                                                                                            "1.33M")
-    assert (hashed["updates/s"], hashed["tokens/s"], hashed["wall time"]) == ("2.67", "5,461", "15s")
+    assert (hashed["updates/s"], hashed["tokens/s"], hashed["wall time"]) == ("1.78", "3,641", "2m00s")
     assert (hashed["final valid ppl"], hashed["best valid ppl"]) == ("80.00", "80.00")
     assert (switch["final valid ppl"], switch["best valid ppl"]) == ("95.00", "90.00")
     assert (switch["dropped frac"], switch["load CV"]) == ("0.2000", "0.100")
     assert (switch["eval capacity"], hashed["eval capacity"]) == ("none", "-")  # today's default: no capacity
-    assert (dense["dropped frac"], dense["load CV"], dense["updates/s"]) == ("-", "-", "3.00")
-    assert unfinished["updates/s"] == "1.00"  # two windows: no warm-up exclusion
+    assert (dense["dropped frac"], dense["load CV"], dense["updates/s"]) == ("-", "-", "2.00")
+    assert (unfinished["updates/s"], unfinished["wall time"]) == ("1.00", "-")
     assert (unfinished["final valid ppl"], unfinished["best valid ppl"]) == ("-", "-")
     assert missing["params total"] == missing["updates/s"] == "-"
     assert [r["status"] for r in rows.values()] == ["finished", "finished", "stopped early", "unfinished",

@@ -69,7 +69,7 @@ def test_tiny_recipe_loads_with_defaults_filled():
     assert config.optim.optimizer == "adamw" and config.optim.schedule == "cosine"
     assert config.optim.betas == [0.9, 0.95] and config.optim.grad_accum == 1
     assert config.parallel == ParallelConfig(ep_size=1, ds_config="cpu")
-    assert config.logging == LoggingConfig(log_every=10, eval_every=100, eval_batches=8)
+    assert config.logging == LoggingConfig(log_every=10, eval_every=100, eval_blocks=128)
     assert config.logging.tensorboard is True and config.logging.progress is True
     assert config.checkpoint == CheckpointConfig(every=100, keep=2)
 
@@ -94,8 +94,15 @@ def test_the_retired_dispatch_key_is_ignored_with_a_warning(tmp_path, capsys):
     config = load_config(write_yaml(tmp_path / "old.yaml", "parallel:\n  dispatch: stock\n  ep_size: 1\n"))
     assert config == RunConfig()
     err = capsys.readouterr().err
-    assert "parallel.dispatch is no longer used" in err and "delete the line" in err
+    assert "parallel.dispatch is retired" in err and "update the file" in err
     assert config_from_dict({"parallel": {"dispatch": "dropless"}}) == RunConfig()  # a run folder's config.yaml
+
+
+def test_the_retired_eval_batches_becomes_eval_blocks(tmp_path, capsys):
+    config = load_config(write_yaml(tmp_path / "old.yaml", "optim:\n  micro_batch_size: 4\nlogging:\n"
+                                    "  eval_batches: 3\n"))
+    assert config.logging.eval_blocks == 12 and "logging.eval_batches is retired" in capsys.readouterr().err
+    assert config_from_dict({"logging": {"eval_batches": 2}}).logging.eval_blocks == 2 * OptimConfig().micro_batch_size
 
 
 def test_ints_are_coerced_to_float(tmp_path):

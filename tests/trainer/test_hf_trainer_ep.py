@@ -26,7 +26,7 @@ def test_hf_trainer_with_sharded_experts_equals_hashmoe_train(model, tmp_path):
     config = base_config(tmp_path / "run", corpus, tmp_path / "cache", parallel__ep_size=2,
                          optim__micro_batch_size=2, optim__max_steps=5,
                          optim__schedule="constant", optim__warmup_steps=0, optim__weight_decay=0.0,
-                         optim__lr=3e-3, logging__eval_batches=0, **model)
+                         optim__lr=3e-3, logging__eval_blocks=0, **model)
     path = write_config(tmp_path / "run.yaml", config)
     check(run(train_command(path, 2)))
     hashmoe_rows = train_rows(tmp_path / "run")

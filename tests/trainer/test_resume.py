@@ -102,7 +102,7 @@ def test_export_gathers_every_expert_and_reproduces_the_training_models_valid_lo
     run_dir = tmp_path / "run"
     extra = dict(model__hash_function="random", model__hash_heads=2) if hash_heads == 2 else {}
     config = base_config(run_dir, corpus_file, cache, parallel__ep_size=2, optim__micro_batch_size=2,
-                         optim__max_steps=6, logging__eval_every=6, logging__eval_batches=0, **extra)
+                         optim__max_steps=6, logging__eval_every=6, logging__eval_blocks=0, **extra)
     path = write_config(tmp_path / "run.yaml", config)
     check(run(train_command(path, 2)))
     model = export_and_load(run_dir / "checkpoints" / "step_6", tmp_path / "hf")

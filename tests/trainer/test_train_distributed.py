@@ -35,7 +35,7 @@ def test_ep2_training_shards_experts_and_learns(router, corpus, tmp_path):
     corpus_file, cache = corpus
     run_dir = tmp_path / "run"
     config = base_config(run_dir, corpus_file, cache, parallel__ep_size=2, optim__max_steps=10,
-                         logging__eval_batches=0, checkpoint__every=5, **ROUTERS[router])
+                         logging__eval_blocks=0, checkpoint__every=5, **ROUTERS[router])
     path = write_config(tmp_path / "run.yaml", config)
     check(run(torchrun(2, ["tests/trainer/ep_worker.py", str(path), str(tmp_path)])))
 
@@ -86,7 +86,7 @@ def test_gradient_checkpointing_on_two_ranks_gives_the_same_losses(router, corpu
     for checkpointing in (False, True):
         name = f"gc{int(checkpointing)}"
         config = base_config(tmp_path / name, corpus_file, cache, parallel__ep_size=2, optim__micro_batch_size=2,
-                             optim__max_steps=5, logging__eval_batches=0, optim__lr=3e-3,
+                             optim__max_steps=5, logging__eval_blocks=0, optim__lr=3e-3,
                              model__gradient_checkpointing=checkpointing, **ROUTERS[router])
         check(run(train_command(write_config(tmp_path / f"{name}.yaml", config), 2)))
         rows[checkpointing] = train_rows(tmp_path / name)
@@ -139,3 +139,21 @@ def test_same_command_under_other_launchers(launcher, corpus, tmp_path):
     check(run(command))
     assert sorted(train_rows(run_dir)) == [1, 2, 3]
     assert json.loads((run_dir / "checkpoints" / "step_3" / "hashmoe_state.json").read_text())["world_size"] == 2
+
+
+def test_the_validation_set_is_the_same_on_any_number_of_ranks(corpus, tmp_path):
+    """The same weights (lr 1e-30: the first step changes nothing) give the same valid loss on 1 rank, 2 ranks and
+    2 ranks with ep_size 2 and another micro batch: the first logging.eval_blocks blocks, split over the ranks
+    (10 blocks: shares of 5 and padding in micro batches of 3 and 4)."""
+    corpus_file, cache = corpus
+    losses = {}
+    for name, ranks, extra in (("one", 1, dict(optim__micro_batch_size=4)),
+                               ("two", 2, dict(optim__micro_batch_size=2)),
+                               ("two-ep2", 2, dict(optim__micro_batch_size=3, parallel__ep_size=2))):
+        config = base_config(tmp_path / name, corpus_file, cache, optim__max_steps=1, optim__lr=1e-30,
+                             optim__warmup_steps=0, logging__eval_blocks=10, checkpoint__every=0, **extra)
+        check(run(train_command(write_config(tmp_path / f"{name}.yaml", config), ranks)))
+        losses[name] = next(r["valid/loss"] for r in __import__("trainer.metrics", fromlist=["x"]).read_metrics(
+            tmp_path / name) if "valid/loss" in r)
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-6), losses
+    assert losses["two-ep2"] == pytest.approx(losses["one"], rel=1e-6), losses
