@@ -18,11 +18,13 @@ from trainer import checkpoint as ckpt
 from trainer.config import flatten_config
 from trainer.errors import UserError
 from trainer.metrics import read_metrics
+from trainer.seed_groups import group_by_seed, seed_bands, seed_table
 
 PLOTS = {"valid_ppl_vs_step.png": "valid ppl vs step", "valid_ppl_vs_time.png": "valid ppl vs training time",
          "valid_ppl_vs_flops.png": "valid ppl vs training FLOPs", "updates_per_sec.png": "updates per second",
          "expert_load.png": "final expert load per MoE layer",
          "final_vs_params.png": "final validation result vs trainable params, total params and compute"}
+SEED_PLOT = ("valid_ppl_across_seeds.png", "valid ppl across seeds: mean, band from the lowest to the highest seed")
 IGNORED_KEYS = {"run.name", "run.output_dir"}  # always differ between runs, say nothing about them
 # Model keys that mean nothing for a dense model: pruned so a dense baseline is labelled by moe_layers alone.
 MOE_ONLY_KEYS = {"num_experts", "expert_intermediate_size", "router", "num_experts_per_tok", "capacity_factor",
@@ -285,7 +287,7 @@ def passes_per_token(run: RunSummary) -> int:
     return 1
 
 
-def render_report(runs: list[RunSummary], keys: list[str]) -> str:
+def render_report(runs: list[RunSummary], keys: list[str], groups: list | None = None) -> str:
     extra = extra_columns(runs)
     columns = COLUMNS[:-1] + [name for name, _ in extra] + COLUMNS[-1:]
     lines = ["# hashmoe compare", "",
@@ -296,6 +298,7 @@ def render_report(runs: list[RunSummary], keys: list[str]) -> str:
         cells = table_row(r)
         cells = cells[:-1] + [cell(r) if r.ok else "-" for _, cell in extra] + cells[-1:]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += seed_table(groups or [])
     lines += ["", "Run folders:"] + [f"- {r.label}: `{r.path}`" for r in runs]
     notes = [f"- {r.label}: {n}" for r in runs for n in r.notes]
     lines += ["", "## Notes"] + (notes or ["- none"])
@@ -309,10 +312,12 @@ def render_report(runs: list[RunSummary], keys: list[str]) -> str:
               "- time axis: sum over windows of steps / measured updates/s. FLOPs axis: step x "
               "train/flops_per_token x tokens per step (active parameters only).", "", "## Plots"]
     lines += [f"![{title}]({name})" for name, title in PLOTS.items()]
+    if groups:
+        lines.append(f"![{SEED_PLOT[1]}]({SEED_PLOT[0]})")
     return "\n".join(lines) + "\n"
 
 
-def write_plots(runs: list[RunSummary], out_dir: Path) -> None:
+def write_plots(runs: list[RunSummary], out_dir: Path, groups: list | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on clusters
@@ -364,6 +369,13 @@ def write_plots(runs: list[RunSummary], out_dir: Path) -> None:
     save(fig, "updates_per_sec.png")
 
     final_vs_params(evaluated, out_dir, plt, save)
+    if groups:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        seed_bands(groups, ax)
+        ax.set(xlabel="step", ylabel="valid ppl", yscale="log", title=SEED_PLOT[1])
+        if ax.lines:
+            ax.legend(fontsize=8)
+        save(fig, SEED_PLOT[0])
 
     loaded = [r for r in runs if r.expert_load]
     cols = max((len(r.expert_load) for r in loaded), default=1)
@@ -431,7 +443,8 @@ def compare_runs(paths, out_dir, label_by: str = "config") -> Path:
         disambiguate(runs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_plots(runs, out_dir)
+    groups = group_by_seed(runs, keys)
+    write_plots(runs, out_dir, groups)
     report = out_dir / "report.md"
-    report.write_text(render_report(runs, keys))
+    report.write_text(render_report(runs, keys, groups))
     return report

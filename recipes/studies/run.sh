@@ -2,6 +2,7 @@
 # Train the runs of each miniature study one after another, then compare each study's runs.
 #   [STUDIES="ladder hash-ladder staircase doping ladder-lr staircase-lr"] bash recipes/studies/run.sh [OUT_ROOT]
 # OUT_ROOT defaults to docs/results/studies; each study writes OUT_ROOT/<study>/report.md and its plots.
+# SEEDS="1234 1 2" trains each run once per seed (run.seed; folders NAME-sSEED); compare reports mean ± std.
 # Runs that already finished (summary.json present) are skipped, and runs shared by two studies are trained
 # once, so the script can be re-run after an interruption.
 set -euo pipefail
@@ -22,17 +23,28 @@ for study in ${STUDIES:-ladder hash-ladder staircase doping ladder-lr staircase-
         exit 2
     fi
     run_dirs=()
-    for name in ${STUDY_RUNS[$study]}; do
-        run_dir=runs/studies/$name
-        run_dirs+=("$run_dir")
-        if [ -f "$run_dir/summary.json" ]; then
-            echo "== $study / $name: done already"
-            continue
-        fi
-        echo "== $study / $name"
-        start=$(date +%s)
-        "$HASHMOE" train "recipes/studies/$name.yaml"
-        echo "== $study / $name: $(( $(date +%s) - start )) s"
+    seeds=(${SEEDS:-})
+    for recipe in ${STUDY_RUNS[$study]}; do
+        for seed in "${seeds[@]:-}"; do
+            name=$recipe${seed:+-s$seed}
+            run_dir=runs/studies/$name
+            run_dirs+=("$run_dir")
+            if [ -f "$run_dir/summary.json" ]; then
+                echo "== $study / $name: done already"
+                continue
+            fi
+            echo "== $study / $name"
+            start=$(date +%s)
+            if [ -n "$seed" ]; then
+                "$HASHMOE" train "recipes/studies/$recipe.yaml" --output "$run_dir" --set run.seed="$seed" \
+                    --set run.name="$name"
+            else
+                "$HASHMOE" train "recipes/studies/$recipe.yaml"
+            fi
+            echo "== $study / $name: $(( $(date +%s) - start )) s"
+        done
     done
-    "$HASHMOE" compare "${run_dirs[@]}" --labels name --out "$OUT_ROOT/$study"
+    # --labels config with seeds: runs of one recipe differ only by run.seed and are grouped
+    "$HASHMOE" compare "${run_dirs[@]}" --labels "$([ ${#seeds[@]} -gt 0 ] && echo config || echo name)" \
+        --out "$OUT_ROOT/$study"
 done

@@ -220,3 +220,29 @@ def test_task_runs_show_exact_match_and_passes_and_can_be_labelled_by_name(tmp_p
     assert rows["walk-staircase"]["final exact-match error"] == "0.050"
     assert rows["walk-plain"]["best exact-match error"] == "0.500"
     assert (tmp_path / "out" / "final_vs_params.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_runs_differing_only_by_seed_are_one_group_with_mean_and_std(tmp_path):
+    """Seeds as an axis: three seeds of one config become one row "mean ± std (n)" and a band in a plot; a run of
+    another config stays alone."""
+    finished = {"step": 40, "stopped_early": False}
+    folders = []
+    for seed, final in ((1, 80.0), (2, 90.0), (3, 100.0)):
+        folder = make_run(tmp_path, f"hash-s{seed}", {"moe_layers": [1], "num_experts": 4, "router": "hash"},
+                          [2.0, 2.0, 2.0, 2.0], {20: 120.0, 40: final}, summary=finished)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["run"]["seed"] = seed
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        folders.append(folder)
+    folders.append(make_run(tmp_path, "dense", {"moe_layers": []}, [3.0, 3.0, 3.0, 3.0], {20: 130.0, 40: 110.0},
+                            summary=finished))
+    report = compare_runs(folders, tmp_path / "report")
+    text = report.read_text()
+    across = text.split("## Across seeds")[1].split("\n\n", 2)[2]
+    rows = [line for line in across.splitlines() if line.startswith("| ") and not line.startswith("| group")]
+    assert len(rows) == 1, rows  # dense has one seed: no group
+    cells = [c.strip() for c in rows[0].strip("|").split(" | ")]
+    assert cells[1] == "1, 2, 3"
+    assert cells[2] == "90.00 ± 10.00 (3)" and cells[3] == "90.00 ± 10.00 (3)" and cells[4] == "2.00 ± 0.00 (3)"
+    assert (tmp_path / "report" / "valid_ppl_across_seeds.png").stat().st_size > 1000
+    assert "valid_ppl_across_seeds.png" in text

@@ -1,0 +1,74 @@
+"""Seeds as an axis of `hashmoe compare`: runs whose configs differ only by `run.seed` form one group, reported
+as mean ± std (n) with a band in the plot. One seed is an anecdote; the group says how far the seeds spread.
+
+Works on compare's RunSummary objects (config: flattened dotted keys; valid: [(step, ppl)]).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+SEED_KEY = "run.seed"
+
+
+@dataclass
+class SeedGroup:
+    label: str
+    runs: list = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list:
+        return [r.config.get(SEED_KEY) for r in self.runs]
+
+
+def group_by_seed(runs: list, keys: list[str]) -> list[SeedGroup]:
+    """Groups of runs equal in every config key but the seed, with two seeds or more (copies of one run are not
+    seeds), in the order of their first run; `keys` are the differing keys (the label: those but the seed)."""
+    groups: dict[tuple, SeedGroup] = {}
+    for run in runs:
+        if not (run.ok and run.config):
+            continue
+        identity = tuple(sorted((k, repr(v)) for k, v in run.config.items() if k != SEED_KEY))
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={run.config[k]}" for k in keys
+                          if k != SEED_KEY and k in run.config) or "all runs"
+        groups.setdefault(identity, SeedGroup(label)).runs.append(run)
+    return [g for g in groups.values() if len(set(map(repr, g.seeds))) >= 2]
+
+
+def mean_std(values: list) -> str:
+    """'mean ± std (n)' of the numbers among values; '-' if none."""
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    if not numbers:
+        return "-"
+    spread = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+    return f"{statistics.mean(numbers):.2f} ± {spread:.2f} ({len(numbers)})"
+
+
+def seed_table(groups: list[SeedGroup]) -> list[str]:
+    """The report's "Across seeds" section (markdown lines); empty without groups."""
+    if not groups:
+        return []
+    lines = ["", "## Across seeds", "",
+             "Runs equal in every config key but `run.seed`: mean ± sample std (number of runs).", "",
+             "| group | seeds | final valid ppl | best valid ppl | updates/s |", "|---|---|---|---|---|"]
+    for group in groups:
+        final = [r.valid[-1][1] if r.valid else None for r in group.runs]
+        best = [min(p for _, p in r.valid) if r.valid else None for r in group.runs]
+        lines.append(f"| {group.label} | {', '.join(str(s) for s in group.seeds)} | {mean_std(final)} | "
+                     f"{mean_std(best)} | {mean_std([r.updates_per_sec for r in group.runs])} |")
+    return lines
+
+
+def seed_bands(groups: list[SeedGroup], ax) -> None:
+    """Mean valid ppl per step with a band from the lowest to the highest seed, at the steps all runs share."""
+    for group in groups:
+        by_step = [dict(r.valid) for r in group.runs]
+        steps = sorted(set.intersection(*(set(s) for s in by_step))) if by_step else []
+        if not steps:
+            continue
+        values = [[s[step] for s in by_step] for step in steps]
+        line, = ax.plot(steps, [statistics.mean(v) for v in values], marker=".",
+                        label=f"{group.label} (n={len(group.runs)})")
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                        alpha=0.2)
