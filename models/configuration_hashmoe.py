@@ -25,6 +25,7 @@ SEEDED_HASH_FUNCTIONS = ("random", "bigram", "prev_token", "position", "oracle_f
 ACTIVATIONS = ("gelu", "relu", "silu")
 RECURRENCES = ("ladder", "staircase")
 FFN_LINEARS = ("dense", "monarch")
+RESIDUAL_INITS = ("layers", "passes")
 
 
 class HashMoEConfig(PretrainedConfig):
@@ -91,6 +92,12 @@ class HashMoEConfig(PretrainedConfig):
         monarch_blocks (`int`, defaults to 4): blocks of the Monarch factors; must divide hidden_size and
             intermediate_size.
 
+    Initialisation:
+        residual_init (`str`, defaults to `"layers"`): the projections into the residual stream start at
+            N(0, initializer_range / sqrt(2 D)) (GPT-2) with D = `"layers"`: num_hidden_layers, or `"passes"`:
+            layers x passes through the stack (a ladder's K passes add K times as many residual branches). In the
+            review of issue 15, "passes" slowed Ladder x2 (245.1 vs 233.5 valid ppl), hence the default.
+
     Computation without parameters (Ju et al. 2021):
         recurrence (`dict`, *optional*): `{"kind": "ladder", "steps": K}` applies the whole layer stack K times
             with shared weights (K x the compute, the same parameters); generation keeps a separate KV cache
@@ -141,6 +148,7 @@ class HashMoEConfig(PretrainedConfig):
     frozen_seed: int = 0
     ffn_linear: str = "dense"
     monarch_blocks: int = 4
+    residual_init: str = "layers"
 
     def __post_init__(self, **kwargs):
         self.moe_layers = sorted(int(i) for i in (self.moe_layers or []))
@@ -202,6 +210,8 @@ class HashMoEConfig(PretrainedConfig):
             fail("router_jitter", f"got {self.router_jitter!r}", "Use eps in [0, 1).")
         if not isinstance(self.frozen_ffn_size, int) or self.frozen_ffn_size < 0:
             fail("frozen_ffn_size", f"got {self.frozen_ffn_size!r}", "Use 0 (no doping) or a positive integer.")
+        if self.residual_init not in RESIDUAL_INITS:
+            fail("residual_init", f"got {self.residual_init!r}", f"Use one of {RESIDUAL_INITS}.")
         if self.ffn_linear not in FFN_LINEARS:
             fail("ffn_linear", f"unknown linear layer {self.ffn_linear!r}", f"Use one of {FFN_LINEARS}.")
         if self.ffn_linear == "monarch" and (self.monarch_blocks < 1 or self.hidden_size % self.monarch_blocks
@@ -261,9 +271,8 @@ class HashMoEConfig(PretrainedConfig):
 
     @property
     def residual_depth(self) -> int:
-        """Blocks a token's residual stream passes through: layers x passes. A shared stack applied K times adds
-        K times as many branches to the residual, so GPT-2's 1/sqrt(2L) output init must count all of them."""
-        return self.num_hidden_layers * self.passes_per_token
+        """The depth D of GPT-2's 1/sqrt(2D) output init (`residual_init`): the layers, or layers x passes."""
+        return self.num_hidden_layers * (self.passes_per_token if self.residual_init == "passes" else 1)
 
 
 def _positive_int(value) -> bool:

@@ -1,6 +1,7 @@
 import pytest
 
 from models import HashMoEConfig
+from tests.conftest import tiny_config
 
 
 @pytest.mark.parametrize("kwargs,field", [
@@ -28,3 +29,12 @@ def test_defaults_and_round_trip(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = HashMoEConfig.from_pretrained(tmp_path)
     assert loaded.moe_layers == [1, 3] and loaded.capacity_factor is None and loaded.router == "hash"
+
+
+def test_residual_init_counts_layers_or_passes():
+    """The depth of GPT-2's output init (the weights themselves: tests/models/test_ladder.py)."""
+    ladder = dict(num_hidden_layers=2, recurrence={"kind": "ladder", "steps": 4}, moe_layers=[])
+    assert tiny_config(**ladder).residual_depth == 2
+    assert tiny_config(**ladder, residual_init="passes").residual_depth == 8
+    with pytest.raises(ValueError, match="residual_init"):
+        tiny_config(residual_init="blocks")

@@ -51,14 +51,17 @@ def test_one_step_ladder_is_the_plain_model_and_more_steps_reuse_the_same_weight
 
 
 @pytest.mark.parametrize("ffn", [{}, {"ffn_linear": "monarch", "monarch_blocks": 4}])
-def test_residual_projections_are_scaled_for_every_pass(ffn):
-    # GPT-2's 1/sqrt(2L) counts the branches added to the residual; a K-step ladder adds K x L of them.
+def test_residual_projections_are_scaled_for_the_layers_or_every_pass(ffn):
+    # GPT-2's 1/sqrt(2D): D = the layers by default (residual_init="layers"); with residual_init="passes" the
+    # K x L branches a K-step ladder adds to the residual.
     torch.manual_seed(0)
     wide = dict(hidden_size=256, intermediate_size=512, moe_layers=[1], num_hidden_layers=2, **ffn)
+    ladder = dict(recurrence={"kind": "ladder", "steps": 4})
     plain = HashMoEForCausalLM(tiny_config(**wide))
-    ladder = HashMoEForCausalLM(tiny_config(**wide, recurrence={"kind": "ladder", "steps": 4}))
+    by_layers = HashMoEForCausalLM(tiny_config(**wide, **ladder))
+    by_passes = HashMoEForCausalLM(tiny_config(**wide, **ladder, residual_init="passes"))
     r = plain.config.initializer_range
-    for model, depth in ((plain, 2), (ladder, 8)):
+    for model, depth in ((plain, 2), (by_layers, 2), (by_passes, 8)):
         out_std = r / (2 * depth) ** 0.5
         dense, moe = model.model.layers
         assert dense.self_attn.o_proj.weight.std().item() == pytest.approx(out_std, rel=0.05)
