@@ -67,16 +67,29 @@ class ExpertBank(nn.Module):
         h_NF = self.act(x_ND @ self.w1[expert, hidden].t())
         return h_NF @ self.w2[expert, :, hidden].t()
 
-    def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every slot's weights, slots leading: w1 [G, S, D] (a view) and w2 [G, D, S]. A segment's w2 columns
-        are not a strided view of [E, D, F], so with segments w2 is gathered into slot order (one copy of w2
-        per call; autograd scatters its gradient back)."""
-        num_slots, size = self.num_slots, self.segment_size
-        w1_GSD = self.w1.view(num_slots, size, self.w1.shape[2])
+    def to_slots(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like parameter `name` ("w1" [E, F, D] or "w2" [E, D, F]) with slots leading: [G, S, D]
+        (a view) or [G, D, S]. A segment's w2 columns are not a strided view of [E, D, F], so with segments w2
+        is gathered into slot order (a copy; autograd scatters its gradient back)."""
+        G, S = self.num_slots, self.segment_size
+        if name == "w1":
+            return tensor.reshape(G, S, tensor.shape[2])
         if self.num_segments == 1:
-            return w1_GSD, self.w2
-        E, D, _ = self.w2.shape
-        return w1_GSD, self.w2.view(E, D, self.num_segments, size).transpose(1, 2).reshape(num_slots, D, size)
+            return tensor
+        E, D, _ = tensor.shape
+        return tensor.reshape(E, D, self.num_segments, S).transpose(1, 2).reshape(G, D, S)
+
+    def from_slots(self, name: str, slots: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_slots`."""
+        E, F = self.num_experts, self.num_segments * self.segment_size
+        if name == "w1":
+            return slots.reshape(E, F, slots.shape[2])
+        D = slots.shape[1]
+        return slots.reshape(E, self.num_segments, D, self.segment_size).transpose(1, 2).reshape(E, D, F)
+
+    def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's weights, slots leading: w1 [G, S, D] and w2 [G, D, S]."""
+        return self.to_slots("w1", self.w1), self.to_slots("w2", self.w2)
 
     def forward(self, x_AD: torch.Tensor, tokens_per_slot_G: torch.Tensor,
                 implementation: str | None = None) -> torch.Tensor:
@@ -295,7 +308,7 @@ class RoutePlan:
     def permute(self, x_TD: torch.Tensor) -> torch.Tensor:
         """x_AD: the row of every sorted route; route i is (token order_A[i] // K, choice order_A[i] % K)."""
         x_ND = x_TD if self.K == 1 else x_TD.repeat_interleave(self.K, dim=0)  # row t*K + k: distinct per route
-        return _TakeRows.apply(x_ND, self.order_A)
+        return take_rows(x_ND, self.order_A)
 
     def combine(self, y_AD: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         """y_TD[t] = sum_k weight[t, k] * y of route (t, k). y_AD holds the first y_AD.shape[0] sorted routes;
@@ -326,7 +339,8 @@ def dispatch(x_TD: torch.Tensor, expert_index_TK: torch.Tensor, expert_weight_TK
 
 class _TakeRows(torch.autograd.Function):
     """rows_AD = x_ND[index_A] for *distinct* indices. Autograd's own backward for indexing must assume repeats
-    and scatter-adds (serial on CPU); with distinct indices the backward is a plain copy into place."""
+    and scatter-adds (serial on CPU); with distinct indices the backward is a plain copy into place (into an
+    unfilled buffer when the indices are a permutation: every row is written)."""
 
     @staticmethod
     def forward(ctx, x_ND, index_A):
@@ -337,8 +351,13 @@ class _TakeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_AD):
         (index_A,) = ctx.saved_tensors
-        grad_ND = grad_AD.new_zeros((ctx.num_rows, grad_AD.shape[1]))
-        return grad_ND.index_copy_(0, index_A, grad_AD), None
+        new_rows = grad_AD.new_empty if index_A.numel() == ctx.num_rows else grad_AD.new_zeros
+        return new_rows((ctx.num_rows, grad_AD.shape[1])).index_copy_(0, index_A, grad_AD), None
+
+
+def take_rows(x_ND: torch.Tensor, index_A: torch.Tensor) -> torch.Tensor:
+    """x_ND[index_A] for distinct indices (a permutation, or a subset), with a copy-into-place backward."""
+    return _TakeRows.apply(x_ND, index_A)
 
 
 def expert_init_std(initializer_range: float, num_hidden_layers: int) -> tuple[float, float]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from models.experts import take_rows
+
 
 class UnevenAllToAll(torch.autograd.Function):
     @staticmethod
@@ -39,21 +41,6 @@ class UnevenAllToAll(torch.autograd.Function):
         grad_in = grad_out.new_empty((sum(ctx.send_splits), grad_out.shape[1]))
         dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
         return grad_in, None, None, None
-
-
-class _Permute(torch.autograd.Function):
-    """rows[order] for a permutation `order`: the backward is the inverse permutation (a copy into place), not
-    the scatter-add autograd uses for general indexing."""
-
-    @staticmethod
-    def forward(ctx, x_RD, order_R):
-        ctx.save_for_backward(order_R)
-        return x_RD.index_select(0, order_R)
-
-    @staticmethod
-    def backward(ctx, grad_RD):
-        (order_R,) = ctx.saved_tensors
-        return torch.empty_like(grad_RD).index_copy_(0, order_R, grad_RD), None
 
 
 class CommTimer:
@@ -96,7 +83,7 @@ class AllToAllExchange:
         x_RD = self.timer.call(UnevenAllToAll.apply, x_AD[:sum(send_splits)], send_splits, recv_splits,
                                self.group)  # step 2
         by_slot_R = source_to_slot_order(counts_from_PL, sum(recv_splits))  # step 3
-        return _Permute.apply(x_RD, by_slot_R), counts_from_PL.sum(0), Transfer(send_splits, recv_splits, by_slot_R)
+        return take_rows(x_RD, by_slot_R), counts_from_PL.sum(0), Transfer(send_splits, recv_splits, by_slot_R)
 
     def to_routes(self, y_RD: torch.Tensor, transfer: Transfer) -> torch.Tensor:
         """The experts' outputs back to the ranks that sent the rows, in their sorted order (kept routes)."""

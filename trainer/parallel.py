@@ -66,21 +66,6 @@ class LocalExperts(ExpertBank):
         self.register_state_dict_post_hook(LocalExperts._per_slot_keys)
         self.register_load_state_dict_pre_hook(LocalExperts._bank_keys)
 
-    def to_slots(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor shaped like parameter `name` ("w1" or "w2"), slots leading: [G, S, D] or [G, D, S]."""
-        E, G, S = self.num_experts, self.num_slots, self.segment_size
-        if name == "w1":
-            return tensor.reshape(G, S, tensor.shape[2])
-        return tensor.reshape(E, tensor.shape[1], self.num_segments, S).transpose(1, 2).reshape(G, -1, S)
-
-    def from_slots(self, name: str, slots: torch.Tensor) -> torch.Tensor:
-        """The inverse of `to_slots`."""
-        E, F = self.num_experts, self.w1.shape[1]
-        if name == "w1":
-            return slots.reshape(E, F, slots.shape[2])
-        D = slots.shape[1]
-        return slots.reshape(E, self.num_segments, D, self.segment_size).transpose(1, 2).reshape(E, D, F)
-
     @staticmethod
     def _per_slot_keys(module, state_dict, prefix, local_metadata) -> None:
         for name in ("w1", "w2"):
