@@ -12,6 +12,7 @@ ROUTERS = ("hash", "switch", "base", "topk")
 HASH_FUNCTIONS = (
     "random",
     "balanced",
+    "balanced_lpt",
     "bigram",
     "prev_token",
     "position",
@@ -22,6 +23,7 @@ HASH_FUNCTIONS = (
 # Hash functions whose table is one seeded random draw per head; only these take hash_heads > 1
 # (several data-fitted tables would all be the same partition, which defeats multi-hash).
 SEEDED_HASH_FUNCTIONS = ("random", "bigram", "prev_token", "position", "oracle_future")
+HASH_GATES = ("none", "sqrtsoftplus")
 ACTIVATIONS = ("gelu", "relu", "silu")
 RECURRENCES = ("ladder", "staircase")
 FFN_LINEARS = ("dense", "monarch")
@@ -56,15 +58,21 @@ class HashMoEConfig(PretrainedConfig):
             `intermediate_size`, so one expert costs what the dense FFN costs.
         router (`str`, defaults to `"hash"`): `hash` (Roller et al. 2021), `switch` (Fedus et al. 2021),
             `base` (Lewis et al. 2021) or `topk` (softmax top-k, the usual learned baseline).
-        hash_function (`str`, defaults to `"balanced"`): for `router="hash"`: random, balanced, bigram,
-            prev_token, position, clustered, dispersed, or oracle_future (hashes the *next* token: an upper
-            bound for analysis; `generate()` refuses it). balanced starts from uniform token counts and is
-            refit from data with `HashMoEForCausalLM.fit_hash_tables`; clustered and dispersed need that fit
-            (from a trained model's embeddings) before use.
+        hash_function (`str`, defaults to `"balanced"`): for `router="hash"`: random, balanced, balanced_lpt,
+            bigram, prev_token, position, clustered, dispersed, or oracle_future (hashes the *next* token: an
+            upper bound for analysis; `generate()` refuses it). balanced spreads the training set's token mass
+            evenly, filling the lightest expert with tokens in a random order seeded per layer; balanced_lpt
+            does it in decreasing frequency (Roller et al.'s greedy LPT). Both start from uniform token counts
+            and are refit from data with `HashMoEForCausalLM.fit_hash_tables`; clustered and dispersed need
+            that fit (from a trained model's embeddings) before use.
         hash_heads (`int`, defaults to 1): multi-hash: N hash functions, each choosing the expert for one of N
             segments of the expert's hidden units (must divide `expert_intermediate_size`). Only for the
             seeded hash functions (random, bigram, prev_token, position, oracle_future).
         hash_seed (`int`, defaults to 0): seed of the hash tables; layer i uses `hash_seed + 1000 * i`.
+        hash_gate (`str`, defaults to `"none"`): the weight of the hashed expert's output: `none` (1, Roller et
+            al.) or `sqrtsoftplus` (DeepSeek-V4's hash layers: the table picks the expert, a learned router
+            weights it by `sqrt(softplus(x . w_e))`; with `hash_heads` > 1 the heads' weights are renormalised
+            to sum to 1, as V4 renormalises a token's chosen experts).
         num_experts_per_tok (`int`, defaults to 2): k of the `topk` router.
         capacity_factor (`float`, *optional*, defaults to 1.0): training capacity of `switch`/`topk`: each
             expert takes at most `ceil(k * tokens * capacity_factor / num_experts)` tokens; the rest are dropped
@@ -79,7 +87,11 @@ class HashMoEConfig(PretrainedConfig):
         router_jitter (`float`, defaults to 0.01): multiplicative input jitter `U(1-eps, 1+eps)` of the switch
             router in training; 0 disables it.
         router_init_scale (`float`, defaults to 0.1): Switch's router init, normal with std
-            `sqrt(router_init_scale / hidden_size)`.
+            `sqrt(router_init_scale / hidden_size)` (also the hash gate's).
+        router_bias_update_rate (`float`, defaults to 0.0): aux-loss-free load balancing for `switch`/`topk`
+            (DeepSeek-V3): a per-expert bias added to the router probabilities for the choice only, moved by
+            this rate times `sign(mean load - load)` after each optimizer step (`update_router_biases`). 0 turns
+            it off; DeepSeek-V3 used 0.001 with a router_aux_loss_coef near 0.
         base_centroid_gain (`float`, defaults to 0.1): gain of the orthogonal init of BASE expert centroids.
         output_router_logits (`bool`, defaults to False): return router logits and expert assignments.
 
@@ -134,6 +146,7 @@ class HashMoEConfig(PretrainedConfig):
     hash_function: str = "balanced"
     hash_heads: int = 1
     hash_seed: int = 0
+    hash_gate: str = "none"
     num_experts_per_tok: int = 2
     capacity_factor: float | None = 1.0
     eval_capacity_factor: float | None = None
@@ -141,6 +154,7 @@ class HashMoEConfig(PretrainedConfig):
     router_z_loss_coef: float = 0.0
     router_jitter: float = 0.01
     router_init_scale: float = 0.1
+    router_bias_update_rate: float = 0.0
     base_centroid_gain: float = 0.1
     output_router_logits: bool = False
     recurrence: dict | None = None
@@ -187,6 +201,17 @@ class HashMoEConfig(PretrainedConfig):
         if self.hash_function not in HASH_FUNCTIONS:
             fail("hash_function", f"unknown hash function {self.hash_function!r}",
                  f"Use one of {HASH_FUNCTIONS}.")
+        if self.hash_gate not in HASH_GATES:
+            fail("hash_gate", f"unknown gate {self.hash_gate!r}", f"Use one of {HASH_GATES}.")
+        if self.hash_gate != "none" and self.router != "hash":
+            fail("hash_gate", f"{self.hash_gate!r} weights a hash router, but router={self.router!r}",
+                 "Use hash_gate='none', or router='hash'.")
+        if not isinstance(self.router_bias_update_rate, (int, float)) or self.router_bias_update_rate < 0:
+            fail("router_bias_update_rate", f"got {self.router_bias_update_rate!r}",
+                 "Use 0 (off) or a small positive rate such as 0.001.")
+        if self.router_bias_update_rate > 0 and self.router not in ("switch", "topk"):
+            fail("router_bias_update_rate", f"balances a learned router's choice, but router={self.router!r} "
+                 "chooses without one", "Use 0, or router='switch' or 'topk'.")
         if self.router == "hash" and self.hash_heads > 1:
             if self.hash_function not in SEEDED_HASH_FUNCTIONS:
                 fail("hash_heads", f"multi-hash ({self.hash_heads} heads) is not available for "

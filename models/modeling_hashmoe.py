@@ -49,6 +49,7 @@ class MoELayerStats:
     router: RouterOutput
     tokens_per_expert_E: torch.Tensor  # assignments each expert processed (after dropping)
     dropped: torch.Tensor  # number of dropped assignments
+    chosen_per_expert_E: torch.Tensor  # assignments the router chose for each expert (before capacity)
 
 
 # transformers 5.24 renamed the cache field of every output class from `past_key_values` to `cache`. The outputs
@@ -69,12 +70,13 @@ def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache |
 @dataclass
 class HashMoEModelOutput(MoeModelOutputWithPast):
     """transformers' MoE decoder output plus, per MoE layer (and ladder pass), the routing: `expert_indices`
-    (when `output_router_logits`), and always `expert_load` ([E] assignments per expert), `dropped_tokens` and
-    the summed router `aux_loss`."""
+    (when `output_router_logits`), and always `expert_load` ([E] assignments per expert), `expert_load_chosen`
+    (the same before capacity dropped any), `dropped_tokens` and the summed router `aux_loss`."""
 
     aux_loss: torch.Tensor | None = None
     expert_indices: tuple[torch.Tensor, ...] | None = None
     expert_load: tuple[torch.Tensor, ...] | None = None
+    expert_load_chosen: tuple[torch.Tensor, ...] | None = None
     dropped_tokens: torch.Tensor | None = None
 
 
@@ -82,11 +84,13 @@ class HashMoEModelOutput(MoeModelOutputWithPast):
 class HashMoECausalLMOutput(MoeCausalLMOutputWithPast):
     """`loss` = `lm_loss` + `aux_loss` (transformers' causal-LM loss plus the routers' auxiliary losses).
     Per MoE layer: `router_logits` and `expert_indices` (when `output_router_logits`), and always `expert_load`
-    ([E] assignments per expert, summed over ladder passes) and `dropped_tokens`."""
+    ([E] assignments per expert, summed over ladder passes), `expert_load_chosen` (before capacity) and
+    `dropped_tokens`."""
 
     lm_loss: torch.Tensor | None = None
     expert_indices: tuple[torch.Tensor, ...] | None = None
     expert_load: tuple[torch.Tensor, ...] | None = None
+    expert_load_chosen: tuple[torch.Tensor, ...] | None = None
     dropped_tokens: torch.Tensor | None = None
 
 
@@ -227,7 +231,9 @@ def experts_implementation(config: HashMoEConfig) -> str | None:
 
 def moe_layer_stats(routed: RouterOutput, num_experts: int) -> MoELayerStats:
     index = routed.expert_index_TK
-    return MoELayerStats(routed, count_per_expert(index, num_experts), (index < 0).sum())
+    kept_E = count_per_expert(index, num_experts)
+    chosen_E = kept_E if routed.chosen_index_TK is None else count_per_expert(routed.chosen_index_TK, num_experts)
+    return MoELayerStats(routed, kept_E, (index < 0).sum(), chosen_E)
 
 
 class HashMoEBlock(GradientCheckpointingLayer):
@@ -300,11 +306,26 @@ class HashMoEPreTrainedModel(PreTrainedModel):
             module.reset_parameters(std)
         elif isinstance(module, HashRouter):  # tables are data, not weights: rebuilt from the config's seed
             module.reset_table()
+            module.reset_parameters()
         elif isinstance(module, HashMoEMLP) and module.frozen_size:
             module.reset_frozen_units()
 
     def hash_routers(self) -> list[HashRouter]:
         return [m for m in self.modules() if isinstance(m, HashRouter)]
+
+    @torch.no_grad()
+    def update_router_biases(self, all_reduce=None) -> None:
+        """One aux-loss-free balancing step (DeepSeek-V3; `config.router_bias_update_rate`) for every switch/topk
+        router, from the choices counted since the last call. Call it after each optimizer step; in data-parallel
+        training pass `torch.distributed.all_reduce` so every rank moves its biases by the same global loads."""
+        routers = [m for m in self.modules() if isinstance(m, SoftmaxRouter) and m.bias_update_rate > 0]
+        if not routers:
+            return
+        chosen_RE = torch.stack([router.chosen_since_update for router in routers])
+        if all_reduce is not None:
+            all_reduce(chosen_RE)
+        for router, chosen_E in zip(routers, chosen_RE):
+            router.update_bias(chosen_E)
 
     def gradient_checkpointing_enable(self, *args, **kwargs):
         if self.config.gradient_checkpointing_unsupported:
@@ -416,6 +437,7 @@ class HashMoEModel(HashMoEPreTrainedModel):
             aux_loss=sum((s.router.aux_loss for s in layer_stats), x_BSD.new_zeros(())),
             expert_indices=tuple(s.router.expert_index_TK for s in layer_stats) if output_router_logits else None,
             expert_load=per_layer_load(layer_stats, len(config.moe_layers)),
+            expert_load_chosen=per_layer_load(layer_stats, len(config.moe_layers), chosen=True),
             dropped_tokens=sum((s.dropped for s in layer_stats), torch.zeros((), dtype=torch.long)),
             **{CACHE_FIELD: past_key_values})
         return output if return_dict else output.to_tuple()
@@ -495,12 +517,15 @@ def attention_allowed(key_real_BP, query_pos_S, num_keys: int) -> torch.Tensor:
     return (allowed_SP[None] & (key_real_BP[:, None, :] | itself_SP[None]))[:, None]
 
 
-def per_layer_load(layer_stats: list[MoELayerStats], num_moe_layers: int) -> tuple[torch.Tensor, ...]:
-    """Tokens per expert for each MoE layer, summed over ladder passes (stats arrive pass after pass)."""
+def per_layer_load(layer_stats: list[MoELayerStats], num_moe_layers: int,
+                   chosen: bool = False) -> tuple[torch.Tensor, ...]:
+    """Tokens per expert for each MoE layer (processed, or `chosen` before capacity), summed over ladder passes
+    (stats arrive pass after pass)."""
     loads = [None] * num_moe_layers
     for i, stats in enumerate(layer_stats):
         j = i % num_moe_layers
-        loads[j] = stats.tokens_per_expert_E if loads[j] is None else loads[j] + stats.tokens_per_expert_E
+        load = stats.chosen_per_expert_E if chosen else stats.tokens_per_expert_E
+        loads[j] = load if loads[j] is None else loads[j] + load
     return tuple(load for load in loads if load is not None)
 
 
@@ -564,7 +589,7 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
             loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, router_logits=outputs.router_logits,
             expert_indices=outputs.expert_indices, expert_load=outputs.expert_load,
-            dropped_tokens=outputs.dropped_tokens, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
+            expert_load_chosen=outputs.expert_load_chosen, dropped_tokens=outputs.dropped_tokens, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if return_dict else output.to_tuple()
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
@@ -597,7 +622,7 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def fit_hash_tables(self, token_counts: torch.Tensor | None = None,
                         embeddings: torch.Tensor | None = None) -> None:
-        """Build the data-dependent hash tables: `balanced` from training-set token counts ([vocab_size]),
+        """Build the data-dependent hash tables: `balanced`/`balanced_lpt` from training-set token counts ([vocab_size]),
         `clustered`/`dispersed` from token embeddings of a trained model ([vocab_size, d])."""
         for router in self.hash_routers():
             router.fit(token_counts=token_counts, embeddings=embeddings)

@@ -47,6 +47,7 @@ class RouterOutput:
     expert_weight_TK: torch.Tensor  # multiplies the expert's output
     aux_loss: torch.Tensor  # scalar, already scaled by its coefficient
     router_logits_TE: torch.Tensor | None = None
+    chosen_index_TK: torch.Tensor | None = None  # the choice before capacity dropped any; None: nothing dropped
 
 
 class HashRouter(nn.Module):
@@ -62,11 +63,18 @@ class HashRouter(nn.Module):
     """
 
     FITTED_FUNCTIONS = ("clustered", "dispersed")
+    BALANCED_FUNCTIONS = ("balanced", "balanced_lpt")  # fit from token counts
 
     def __init__(self, hash_function: str, num_experts: int, num_heads: int, vocab_size: int,
-                 max_positions: int, seed: int):
+                 max_positions: int, seed: int, gate: str = "none", hidden_size: int = 0,
+                 init_scale: float = 0.1):
         super().__init__()
         self.hash_function = hash_function
+        # DeepSeek-V4's hash layers: the table picks the expert, a learned gate weights it (the gate's
+        # gradient trains `weight`; the choice itself stays fixed).
+        self.gate, self.init_scale = gate, init_scale
+        if gate != "none":
+            self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.num_experts = num_experts
         self.num_heads = num_heads
         self.seed = seed
@@ -79,6 +87,10 @@ class HashRouter(nn.Module):
         self.register_buffer("table_fitted", torch.tensor(int(hash_function not in self.FITTED_FUNCTIONS),
                                                           dtype=torch.uint8, device="cpu"))
         self._fitted_checked = False  # table_fitted read once, not at every forward (a device sync)
+
+    def reset_parameters(self) -> None:
+        if self.gate != "none":  # Switch's router init: logits start near 0
+            nn.init.normal_(self.weight, std=math.sqrt(self.init_scale / self.weight.shape[1]))
 
     @property
     def table_name(self) -> str:
@@ -108,6 +120,11 @@ class HashRouter(nn.Module):
             columns.append(table_HK[:, old_vocab:])
         self.table = torch.cat(columns, dim=1).contiguous()
 
+    @staticmethod
+    def _balance_seed(hash_function: str, seed: int) -> int | None:
+        """balanced: greedy in a random token order seeded per layer; balanced_lpt: in frequency order."""
+        return seed if hash_function == "balanced" else None
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._fitted_checked = False
@@ -118,18 +135,21 @@ class HashRouter(nn.Module):
             return universal_hash_params(num_heads, seed)
         num_keys = {"position": max_positions, "prev_token": vocab_size + 1,
                     "oracle_future": vocab_size + 1}.get(hash_function, vocab_size)
-        if hash_function == "balanced":  # uniform counts until fit() sees data
-            return balanced_table(torch.ones(num_keys, dtype=torch.int64), num_experts)[None]
+        if hash_function in cls.BALANCED_FUNCTIONS:  # uniform counts until fit() sees data
+            return balanced_table(torch.ones(num_keys, dtype=torch.int64), num_experts,
+                                  cls._balance_seed(hash_function, seed))[None]
         if hash_function in cls.FITTED_FUNCTIONS:
             return torch.zeros(1, num_keys, dtype=torch.int64)
         return torch.stack([random_table(num_keys, num_experts, seed + h) for h in range(num_heads)])
 
     def fit(self, token_counts: torch.Tensor | None = None, embeddings: torch.Tensor | None = None) -> None:
         """Rebuild a data-dependent table: balanced from token counts, clustered/dispersed from embeddings."""
-        if self.hash_function == "balanced":
+        if self.hash_function in self.BALANCED_FUNCTIONS:
             if token_counts is None:
-                raise ValueError("hash_function='balanced' is fit from token_counts (a [vocab_size] tensor).")
-            table_V = balanced_table(token_counts.cpu(), self.num_experts)
+                raise ValueError(f"hash_function={self.hash_function!r} is fit from token_counts (a [vocab_size] "
+                                 "tensor).")
+            table_V = balanced_table(token_counts.cpu(), self.num_experts,
+                                     self._balance_seed(self.hash_function, self.seed))
         elif self.hash_function in self.FITTED_FUNCTIONS:
             if embeddings is None:
                 raise ValueError(f"hash_function={self.hash_function!r} is fit from embeddings "
@@ -158,8 +178,15 @@ class HashRouter(nn.Module):
             key_T = {"prev_token": routing.prev_ids_T, "oracle_future": routing.next_ids_T,
                      "position": routing.position_ids_T}.get(self.hash_function, routing.input_ids_T)
             index_TH = self.table[:, key_T].t()
-        weight_TH = torch.ones(index_TH.shape, dtype=x_TD.dtype, device=x_TD.device)
-        return RouterOutput(index_TH.contiguous(), weight_TH, x_TD.new_zeros(()))
+        if self.gate == "none":
+            weight_TH = torch.ones(index_TH.shape, dtype=x_TD.dtype, device=x_TD.device)
+            return RouterOutput(index_TH.contiguous(), weight_TH, x_TD.new_zeros(()))
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        weight_TH = torch.sqrt(F.softplus(logits_TE.gather(1, index_TH)))  # V4's "sqrtsoftplus" score
+        if self.num_heads > 1:
+            # V4 renormalises the scores of a token's chosen experts; with one head that would make the weight 1.
+            weight_TH = weight_TH / weight_TH.sum(dim=-1, keepdim=True)
+        return RouterOutput(index_TH.contiguous(), weight_TH.to(x_TD.dtype), x_TD.new_zeros(()), logits_TE)
 
 
 def count_per_expert(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -200,19 +227,41 @@ class SoftmaxRouter(nn.Module):
 
     Logits in fp32 ("selective precision", Switch sec. 2.4), multiplicative jitter in training, capacity with
     token dropping, alpha-weighted load-balancing loss and optional z-loss.
+
+    Aux-loss-free balancing (DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2), when `bias_update_rate` > 0: a per-expert
+    bias, added to the probabilities for the choice only (the gate weights stay the probabilities), moves by
+    `rate * sign(mean load - load)` after every optimizer step (`update_bias`, with the loads of all ranks).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, k: int, renormalize: bool, jitter: float,
                  capacity_factor: float | None, eval_capacity_factor: float | None, aux_loss_coef: float,
-                 z_loss_coef: float, init_scale: float):
+                 z_loss_coef: float, init_scale: float, bias_update_rate: float = 0.0):
         super().__init__()
         self.num_experts, self.k, self.renormalize, self.jitter = num_experts, k, renormalize, jitter
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.aux_loss_coef, self.z_loss_coef, self.init_scale = aux_loss_coef, z_loss_coef, init_scale
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.bias_update_rate = bias_update_rate
+        if bias_update_rate > 0:
+            # Saved with the weights (it decides the routes at inference); fp32 like the logits. Named as
+            # transformers' DeepSeek-V3 names it (e_score_...), and without "expert": DeepSpeed's checkpointing
+            # files any MoE-layer tensor whose name holds "expert" as an expert's.
+            self.register_buffer("score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+            # Choices since the last update, summed on the device (no host read per step).
+            self.register_buffer("chosen_since_update", torch.zeros(num_experts, dtype=torch.float32),
+                                 persistent=False)
+
+    @torch.no_grad()
+    def update_bias(self, chosen_E: torch.Tensor) -> None:
+        """One DeepSeek-V3 step from `chosen_E`, the choices per expert since the last update (all ranks')."""
+        self.score_correction_bias += self.bias_update_rate * torch.sign(chosen_E.mean() - chosen_E).to(self.score_correction_bias)
+        self.chosen_since_update.zero_()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=math.sqrt(self.init_scale / self.weight.shape[1]))
+        if self.bias_update_rate > 0:  # nn.init: from_pretrained's guarded init keeps a loaded bias
+            nn.init.zeros_(self.score_correction_bias)
+            nn.init.zeros_(self.chosen_since_update)
 
     def capacity(self, num_tokens: int) -> int | None:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -224,16 +273,23 @@ class SoftmaxRouter(nn.Module):
             x_TD32 = x_TD32 * torch.empty_like(x_TD32).uniform_(1 - self.jitter, 1 + self.jitter)
         logits_TE = F.linear(x_TD32, self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
-        weight_TK, index_TK = probs_TE.topk(self.k, dim=-1)
+        if self.bias_update_rate > 0:
+            index_TK = (probs_TE.detach() + self.score_correction_bias).topk(self.k, dim=-1).indices
+            weight_TK = probs_TE.gather(1, index_TK)
+            if self.training:
+                self.chosen_since_update += count_per_expert(index_TK, self.num_experts)
+        else:
+            weight_TK, index_TK = probs_TE.topk(self.k, dim=-1)
         if self.renormalize:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
         aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, index_TK)
         if self.z_loss_coef > 0:
             aux_loss = aux_loss + self.z_loss_coef * router_z_loss(logits_TE)
         capacity = self.capacity(x_TD.shape[0])
+        chosen_TK = index_TK
         if capacity is not None:
             index_TK = drop_over_capacity(index_TK, capacity, self.num_experts)
-        return RouterOutput(index_TK, weight_TK.to(x_TD.dtype), aux_loss, logits_TE)
+        return RouterOutput(index_TK, weight_TK.to(x_TD.dtype), aux_loss, logits_TE, chosen_TK)
 
 
 class BaseRouter(nn.Module):
@@ -265,7 +321,9 @@ class BaseRouter(nn.Module):
 def build_router(config, layer_idx: int) -> nn.Module:
     if config.router == "hash":
         return HashRouter(config.hash_function, config.num_experts, config.hash_heads, config.vocab_size,
-                          config.max_position_embeddings, config.hash_seed + 1000 * layer_idx)
+                          config.max_position_embeddings, config.hash_seed + 1000 * layer_idx,
+                          gate=config.hash_gate, hidden_size=config.hidden_size,
+                          init_scale=config.router_init_scale)
     if config.router == "base":
         return BaseRouter(config.hidden_size, config.num_experts, config.base_centroid_gain)
     is_switch = config.router == "switch"
@@ -274,4 +332,4 @@ def build_router(config, layer_idx: int) -> nn.Module:
         renormalize=not is_switch, jitter=config.router_jitter if is_switch else 0.0,
         capacity_factor=config.capacity_factor, eval_capacity_factor=config.eval_capacity_factor,
         aux_loss_coef=config.router_aux_loss_coef, z_loss_coef=config.router_z_loss_coef,
-        init_scale=config.router_init_scale)
+        init_scale=config.router_init_scale, bias_update_rate=config.router_bias_update_rate)

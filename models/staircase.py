@@ -16,6 +16,14 @@ per-step caches of steps c .. c+K-1, which hold the earlier window tokens' keys 
 Cached variant (`memory` M > 0 tokens): a chunk's keys and values from its last pass are kept, and the
 steps after it attend to the M most recent finished tokens as extra context (Transformer-XL-like memory,
 here without stopping gradients).
+
+What the memory holds, against the paper: here each layer l attends to the keys and values that layer l computed
+for the finished tokens in their last pass, i.e. per-layer states (Transformer-XL's form; the same as caching
+each layer's input states and projecting them again, since the weights are shared). The review of issue 15 read
+the paper's cached Staircase as keeping one state per finished token, the chunk's output state after its last
+pass, which every layer then attends to through its own key/value projection (the Feedback Transformer's
+form). The two differ in what a layer sees of the past: its own level here, the top of the stack there. Only
+this form is implemented; the paper's form is not offered yet (issue 15's note says so).
 """
 
 from __future__ import annotations

@@ -29,10 +29,11 @@ IGNORED_KEYS = {"run.name", "run.output_dir"}  # always differ between runs, say
 # Model keys that mean nothing for a dense model: pruned so a dense baseline is labelled by moe_layers alone.
 MOE_ONLY_KEYS = {"num_experts", "expert_intermediate_size", "router", "num_experts_per_tok", "capacity_factor",
                  "eval_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter",
-                 "router_init_scale", "base_centroid_gain", "output_router_logits"}
-HASH_ONLY_KEYS = {"hash_function", "hash_heads", "hash_seed"}
+                 "router_init_scale", "base_centroid_gain", "output_router_logits", "router_bias_update_rate"}
+HASH_ONLY_KEYS = {"hash_function", "hash_heads", "hash_seed", "hash_gate"}
 COLUMNS = ["run", "router", "hash function", "experts", "params total", "params trainable", "params active",
-           "updates/s", "tokens/s", "final valid ppl", "best valid ppl", "dropped frac", "load CV", "wall time",
+           "updates/s", "tokens/s", "final valid ppl", "best valid ppl", "dropped frac mean / final",
+           "load CV final (chosen / kept)", "wall time",
            "status"]
 
 
@@ -47,8 +48,10 @@ class RunSummary:
     updates_per_sec: float | None = None  # logged steps / optimizer seconds over the whole run
     tokens_per_sec: float | None = None
     elapsed_seconds: float | None = None  # wall clock of every command that trained it (time/elapsed_s)
-    dropped_frac: float | None = None
-    load_cv: float | None = None
+    dropped_frac: float | None = None  # mean over the logged windows
+    final_dropped_frac: float | None = None  # the last window's
+    load_cv: float | None = None  # the last window's, after capacity (what the experts processed)
+    chosen_load_cv: float | None = None  # the last window's, before capacity (what the router chose)
     steps: int = 0  # last trained step
     train_time: list = field(default_factory=list)  # (step, cumulative optimizer seconds) per training row
     valid: list = field(default_factory=list)  # (step, valid ppl) per eval row
@@ -139,7 +142,9 @@ def collect_run(path, defaults: dict | None = None) -> RunSummary:
     run.flops_per_token = first.get("train/flops_per_token")
     train = [r for r in rows if "train/updates_per_sec" in r]
     run.dropped_frac = _mean(r.get("moe/dropped_frac") for r in train)
-    run.load_cv = _mean(r.get("moe/load_cv") for r in train)
+    last = train[-1] if train else {}
+    run.final_dropped_frac = last.get("moe/dropped_frac")
+    run.load_cv, run.chosen_load_cv = last.get("moe/load_cv"), last.get("moe/load_cv_chosen")
     run.steps = max((r["step"] for r in train), default=0)
     # Every row has tokens/s = updates/s x tokens per step.
     rated = [r for r in train if (r["train/updates_per_sec"] or 0) > 0 and r.get("train/tokens_per_sec")]
@@ -248,12 +253,20 @@ def table_row(run: RunSummary) -> list[str]:
     hash_fn = run.model("hash_function", "-") if router == "hash" else "-"
     if router == "hash" and (run.model("hash_heads") or 1) > 1:
         hash_fn += f" ({run.model('hash_heads')} heads)"
+    if router == "hash" and run.model("hash_gate", "none") != "none":
+        hash_fn += f", gate {run.model('hash_gate')} (DeepSeek-V4)"
+    if hash_fn.startswith("oracle_future"):
+        hash_fn += " (upper bound: routes by the next token, which a real model cannot see)"
+    if router in ("switch", "topk") and (run.model("router_bias_update_rate") or 0) > 0:
+        router += f" + bias balancing ({run.model('router_bias_update_rate')})"
     experts = str(run.model("num_experts")) if moe else "dense" if run.config else "-"
     ppls = [p for _, p in run.valid]
     return [run.label, router, hash_fn, experts, human(run.params.get("total")),
             human(run.params.get("trainable")), human(run.params.get("active")), fmt(run.updates_per_sec, ".2f"),
             fmt(run.tokens_per_sec, ",.0f"), fmt(ppls[-1] if ppls else None, ".2f"),
-            fmt(min(ppls) if ppls else None, ".2f"), fmt(run.dropped_frac, ".4f"), fmt(run.load_cv, ".3f"),
+            fmt(min(ppls) if ppls else None, ".2f"),
+            f"{fmt(run.dropped_frac, '.4f')} / {fmt(run.final_dropped_frac, '.4f')}" if moe else "-",
+            f"{fmt(run.chosen_load_cv, '.3f')} / {fmt(run.load_cv, '.3f')}" if moe else "-",
             fmt_seconds(run.wall_seconds), run.status]
 
 
@@ -307,8 +320,10 @@ def render_report(runs: list[RunSummary], keys: list[str], groups: list | None =
               "excludes evaluation and checkpointing; the first window, with its warm-up, is included).",
               "- wall time: the run's wall clock (`time/elapsed_s`: set-up, evaluation and checkpoints included, "
               "summed over the commands that trained it, each up to its last checkpoint).",
-              "- dropped frac, load CV: mean over all logged windows. ppl: validation perplexity at the last "
-              "evaluation (final) and the lowest one (best).",
+              "- dropped frac: mean over all logged windows / the last window. load CV: coefficient of variation of "
+              "the tokens per expert in the last window, as the router chose them (before capacity) / as the "
+              "experts processed them (after dropping). ppl: validation perplexity at the last evaluation "
+              "(final) and the lowest one (best).",
               "- time axis: sum over windows of steps / measured updates/s. FLOPs axis: step x "
               "train/flops_per_token x tokens per step (active parameters only).", "", "## Plots"]
     lines += [f"![{title}]({name})" for name, title in PLOTS.items()]

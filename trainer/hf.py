@@ -7,6 +7,9 @@ accelerate has no expert-parallel axis; DeepSpeed does. A hashmoe model gets one
     args = TrainingArguments(..., deepspeed=deepspeed_config())   # or accelerate's DeepSpeed plugin
     Trainer(model=model, args=args, train_dataset=...).train()
 
+Aux-loss-free balancing (`router_bias_update_rate` > 0) moves the routers' biases after every optimizer step; under
+your own Trainer add the callback that does it: `Trainer(..., callbacks=[RouterBiasUpdate()])`.
+
 `shard_experts` swaps each MoE FFN for its expert-parallel twin (`trainer.parallel.parallelize`, the same module
 `hashmoe train` uses): each rank keeps `num_experts / ep_size` experts, tokens travel by all-to-all. DeepSpeed's
 engine, which the Trainer builds from the config, marks the expert parameters, reduces their gradients over the
@@ -20,6 +23,7 @@ import os
 
 import torch.distributed as dist
 from torch import nn
+from transformers import TrainerCallback
 
 from trainer.parallel import parallelize
 
@@ -56,3 +60,13 @@ def deepspeed_config(zero_stage: int = 0, bf16: bool = False) -> dict:
                                                   "weight_decay": "auto"}},
         "steps_per_print": 10 ** 9,
     }
+
+
+class RouterBiasUpdate(TrainerCallback):
+    """After each optimizer step, one aux-loss-free balancing step (DeepSeek-V3) of every switch/topk router with
+    `router_bias_update_rate` > 0, from the choices of all ranks: what `hashmoe train` does after engine.step()."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        while not hasattr(model, "update_router_biases") and hasattr(model, "module"):
+            model = model.module  # a DeepSpeed or DDP wrapper
+        model.update_router_biases(dist.all_reduce if dist.is_initialized() else None)

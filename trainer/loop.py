@@ -51,10 +51,11 @@ EXPERT_PARAMS = "bank"
 def build_model(config: RunConfig, data: PreparedData):
     """Same weights on every rank (seeded), hash tables fit from the training split's token counts."""
     from models import HashMoEForCausalLM
+    from models.routing import HashRouter
 
     torch.manual_seed(config.run.seed)
     model = HashMoEForCausalLM(build_model_config(config, data))
-    if model.config.is_moe and model.config.router == "hash" and model.config.hash_function == "balanced":
+    if model.config.is_moe and model.config.router == "hash" and model.config.hash_function in HashRouter.BALANCED_FUNCTIONS:
         model.fit_hash_tables(token_counts=data.train_token_counts)
     if config.model.get("gradient_checkpointing"):
         # Before parallelize(): the expert-parallel MoE replaces each block's FFN, and the block (a
@@ -376,6 +377,7 @@ class TrainLoop:
         optim = config.optim
         self.schedule = BatchSchedule(len(data.train_blocks), optim.micro_batch_size * optim.grad_accum,
                                       env.rank, env.world_size, config.run.seed)
+        self.balances_router_bias = bool(getattr(model_config, "router_bias_update_rate", 0))
         self.tokens_per_step = env.world_size * optim.micro_batch_size * optim.grad_accum * config.data.seq_len
         self.flops_per_token = flops_per_token(model_config, counts, config.data.seq_len)
         self.device = next(engine.module.parameters()).device
@@ -394,6 +396,8 @@ class TrainLoop:
         device = self.engine.device
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm loss, aux loss, dropped, routes, micro steps
         self.load = torch.zeros(self.num_moe_layers, self.num_experts, dtype=torch.float64, device=device)
+        self.load_chosen = torch.zeros_like(self.load)  # before capacity
+        self.grad_norms = torch.zeros(3, dtype=torch.float64, device=device)  # sum, max, optimizer steps
 
     def run(self, start_step: int) -> dict:
         config, engine = self.config, self.engine
@@ -470,20 +474,40 @@ class TrainLoop:
                                        labels.chunk(self.config.optim.grad_accum)):
             out = engine(micro, labels=micro_labels, use_cache=False)
             engine.backward(out.loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                self.add_grad_norm()
             engine.step()
+            if boundary and self.balances_router_bias:
+                # every rank's choices, so each rank applies the same bias update (one all-reduce per step)
+                self.engine.module.update_router_biases(dist.all_reduce)
             dropped = torch.as_tensor(out.dropped_tokens, device=self.sums.device)
             routes = sum((load.sum() for load in out.expert_load), dropped)
             self.sums += torch.stack([t.detach().to(self.sums.device, torch.float64) for t in
                                       (out.lm_loss, out.aux_loss, dropped, routes, torch.ones((), device=dropped.device))])
-            for i, load in enumerate(out.expert_load):
+            for i, (load, chosen) in enumerate(zip(out.expert_load, out.expert_load_chosen)):
                 self.load[i] += load.detach().to(self.load.device, torch.float64)
+                self.load_chosen[i] += chosen.detach().to(self.load.device, torch.float64)
+
+    def add_grad_norm(self) -> None:
+        """This rank's gradient 2-norm before clipping, kept on the device (DeepSpeed computes it for clipping but
+        does not keep it in fp32 stage 0). Ranks differ only by their experts' gradients; the window reports the
+        mean over ranks, as DeepSpeed's clipping uses."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double())
+        self.grad_norms += torch.stack([norm, torch.zeros_like(norm), torch.ones_like(norm)])
+        self.grad_norms[1] = torch.maximum(self.grad_norms[1], norm)
 
     def window_metrics(self, step: int, seconds: float, steps: int) -> dict:
         sums = self.sums.clone()
         dist.all_reduce(sums)
-        load = self.load.clone()
+        load = torch.stack([self.load, self.load_chosen])
         dist.all_reduce(load)
-        sums, load = sums.cpu(), load.cpu()  # the window's one read-back
+        grad_norms = self.grad_norms.clone()
+        dist.all_reduce(grad_norms)  # the max's sum over ranks is divided below like the mean's
+        sums, (load, load_chosen), grad_norms = sums.cpu(), load.cpu(), grad_norms.cpu()  # the one read-back
         lm_loss = (sums[0] / sums[4]).item()
         row = {"train/loss": lm_loss, "train/ppl": math.exp(min(lm_loss, 50.0)),
                "train/updates_per_sec": steps / seconds if seconds > 0 else float("nan"),
@@ -491,6 +515,10 @@ class TrainLoop:
                "train/lr": self.engine.get_lr()[0], "moe/aux_loss": (sums[1] / sums[4]).item()}
         row["train/flops_per_sec"] = row["train/tokens_per_sec"] * self.flops_per_token
         row["time/elapsed_s"] = self.elapsed_seconds()
+        if grad_norms[2] > 0:
+            ranks = self.env.world_size
+            row["train/grad_norm"] = (grad_norms[0] / grad_norms[2]).item()
+            row["train/grad_norm_max"] = (grad_norms[1] / ranks).item()
         if self.peak_flops is not None:
             row["train/mfu"] = row["train/flops_per_sec"] / (self.env.world_size * self.peak_flops)
         peak = torch.tensor([peak_memory_mib(self.device)], device=collective_device())
@@ -508,8 +536,10 @@ class TrainLoop:
         if self.num_moe_layers:
             row["moe/dropped_frac"] = (sums[2] / sums[3]).item() if sums[3] > 0 else 0.0
             row["moe/load_cv"] = sum(load_cv(layer) for layer in load) / self.num_moe_layers
+            row["moe/load_cv_chosen"] = sum(load_cv(layer) for layer in load_chosen) / self.num_moe_layers
             for i, layer in enumerate(load):
                 self.metrics.histogram(step, f"moe/expert_load/layer_{i}", layer)
+                self.metrics.histogram(step, f"moe/expert_load_chosen/layer_{i}", load_chosen[i])
         self.metrics.log(step, row)
         self.reset_window()
         return row

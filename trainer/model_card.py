@@ -204,8 +204,10 @@ def training_section(run: RunSummary | None) -> list[str]:
             ("tokens/s", fmt(run.tokens_per_sec, ",.0f")),
             ("wall clock (set-up, evaluation, checkpoints included)", fmt_seconds(run.wall_seconds))]
     if config.get("model.moe_layers"):
-        rows += [("dropped tokens (fraction)", fmt(run.dropped_frac, ".4f")),
-                 ("expert load CV", fmt(run.load_cv, ".3f"))]
+        rows += [("dropped tokens (fraction, mean over training / last window)",
+                  f"{fmt(run.dropped_frac, '.4f')} / {fmt(run.final_dropped_frac, '.4f')}"),
+                 ("expert load CV, last window (as chosen / as processed)",
+                  f"{fmt(run.chosen_load_cv, '.3f')} / {fmt(run.load_cv, '.3f')}")]
     changes = [f"- from step {c['step']}: `{c['key']}` {c['old']!r} -> {c['new']!r}" for c in read_changes(run.path)]
     if changes:  # the table shows the final values; these held only from the step given
         changes = ["Config changed during training (resumed with `--allow-config-change`); the table shows the "

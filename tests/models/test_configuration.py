@@ -17,6 +17,10 @@ from tests.conftest import tiny_config
     (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(hidden_act="tanhh"), "hidden_act"),
     (dict(router_jitter=1.5), "router_jitter"),
+    (dict(hash_gate="softmax"), "hash_gate"),
+    (dict(router="switch", hash_gate="sqrtsoftplus"), "hash_gate"),
+    (dict(router="switch", router_bias_update_rate=-1e-3), "router_bias_update_rate"),
+    (dict(router="hash", router_bias_update_rate=1e-3), "router_bias_update_rate"),
 ])
 def test_invalid_fields_are_named_in_the_error(kwargs, field):
     with pytest.raises(ValueError, match=rf"HashMoEConfig\.{field}:"):

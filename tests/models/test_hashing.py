@@ -152,6 +152,34 @@ def test_balanced_table_heavy_head_is_isolated():
     assert float(mass.max()) == float(counts.max())
 
 
+def test_balanced_table_random_order_is_seeded_balanced_and_not_frequency_banded():
+    vocab, experts = 8192, 16
+    counts = zipf_counts(vocab, 0.8, seed=0)
+    table = balanced_table(counts, experts, seed=3)
+    assert torch.equal(table, balanced_table(counts, experts, seed=3))
+    assert not torch.equal(table, balanced_table(counts, experts, seed=4))
+    mass = expert_mass(table, counts, experts)
+    mean = float(counts.sum()) / experts
+    assert float(mass.sum()) == float(counts.sum())
+    assert float(mass.max()) <= mean + float(counts.max())  # the greedy bound holds for any order
+    assert float(mass.max()) / mean <= 1.05
+    # LPT deals the rare half out in frequency order; the random order is another partition of it.
+    rank_V = torch.argsort(torch.argsort(counts, descending=True))
+    rare = rank_V >= vocab // 2
+    lpt = balanced_table(counts, experts)
+    assert float((lpt[rare] == table[rare]).float().mean()) < 0.2  # about 1/16 by chance
+
+
+def test_balanced_table_random_order_equal_counts_even_split():
+    for vocab, experts in [(4, 3), (100, 7), (1000, 16)]:
+        table = balanced_table(torch.full((vocab,), 5), experts, seed=0)
+        sizes = torch.bincount(table, minlength=experts)
+        assert int(sizes.max() - sizes.min()) <= 1
+    # zero counts: round-robin in the random order, so still an even split
+    table = balanced_table(torch.zeros(10, dtype=torch.int64), 3, seed=1)
+    assert sorted(torch.bincount(table, minlength=3).tolist()) == [3, 3, 4]
+
+
 def test_balanced_table_float_counts():
     table = balanced_table(torch.tensor([0.5, 2.5, 1.0, 1.0]), 2)
     assert table.tolist() == [1, 0, 1, 1]

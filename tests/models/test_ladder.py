@@ -98,7 +98,11 @@ def test_ladder_round_trips_through_save_and_load(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.recurrence == LADDER
     ids = torch.randint(0, 64, (2, 6))
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # Equal weights and buffers, but the loaded ones sit in the file's memory map, where CPU kernels may pick
+    # another vector path for unaligned rows: measured 4e-8 apart, and 0 once the loaded tensors are copied.
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("recurrence", [{"kind": "spiral", "steps": 2}, {"kind": "ladder", "steps": 0},

@@ -12,7 +12,9 @@ ROUTER_CONFIGS = {
     "hash-prev": dict(router="hash", hash_function="prev_token"),
     "hash-position": dict(router="hash", hash_function="position"),
     "hash-multi": dict(router="hash", hash_function="random", hash_heads=4),
+    "hash-v4-gate": dict(router="hash", hash_function="random", hash_gate="sqrtsoftplus"),
     "switch": dict(router="switch", router_z_loss_coef=1e-3),
+    "switch-bias": dict(router="switch", router_bias_update_rate=1e-2, router_aux_loss_coef=0.0),
     "base": dict(router="base"),
     "topk": dict(router="topk"),
 }
@@ -39,6 +41,7 @@ def test_forward_shapes_and_loss_parts(name):
     if num_moe:
         k = out.expert_indices[0].shape[1]
         assert int(out.expert_load[0].sum() + out.dropped_tokens) == 2 * 12 * k
+        assert int(out.expert_load_chosen[0].sum()) == 2 * 12 * k  # before capacity: every route
     out.loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, pname
@@ -49,6 +52,11 @@ def test_save_load_gives_equal_logits(name, tmp_path):
     model = build(name).eval()
     if name == "hash-balanced":  # a fitted table must survive the round trip
         model.fit_hash_tables(token_counts=torch.arange(64) ** 2)
+    if name == "switch-bias":  # and so must a balancing bias
+        model.train()(batch(seed=5))
+        model.update_router_biases()
+        assert model.model.layers[1].mlp.router.score_correction_bias.abs().sum() > 0
+        model.eval()
     ids = batch()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()

@@ -73,12 +73,13 @@ def test_multi_hash_heads_use_independent_tables():
         assert torch.equal(out.expert_index_TK[:, h], random_table(V, E, 7 + h)[torch.tensor(IDS)])
 
 
-def test_balanced_table_is_fit_from_counts_and_is_a_buffer_without_grad():
-    router = hash_router("balanced")
-    assert torch.equal(router.table[0], balanced_table(torch.ones(V, dtype=torch.long), E))
+@pytest.mark.parametrize("function,order_seed", [("balanced", 7), ("balanced_lpt", None)])
+def test_balanced_table_is_fit_from_counts_and_is_a_buffer_without_grad(function, order_seed):
+    router = hash_router(function)  # seed 7: the layer's seed orders the greedy fill of `balanced`
+    assert torch.equal(router.table[0], balanced_table(torch.ones(V, dtype=torch.long), E, order_seed))
     counts = torch.arange(V) ** 2
     router.fit(token_counts=counts)
-    assert torch.equal(router.table[0], balanced_table(counts, E))
+    assert torch.equal(router.table[0], balanced_table(counts, E, order_seed))
     assert "table" in dict(router.named_buffers()) and list(router.parameters()) == []
     assert "table" in router.state_dict()
 
@@ -182,3 +183,64 @@ def test_base_centroids_learn_through_the_gate_only():
 def test_capacity_is_k_tokens_factor_over_experts():
     router = switch_router(capacity_factor=1.25, k=2, E_=3)
     assert router.train().capacity(10) == math.ceil(2 * 10 * 1.25 / 3)
+
+
+# ---- DeepSeek-V4 hash gate, DeepSeek-V3 bias balancing, the choice before capacity ------------------------------
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_hash_gate_weights_the_hashed_expert_by_a_learned_sqrt_softplus_score(heads):
+    plain = hash_router("random", heads=heads)
+    gated = HashRouter("random", E, heads, vocab_size=V, max_positions=32, seed=7, gate="sqrtsoftplus",
+                       hidden_size=3)
+    gated.reset_parameters()
+    x = torch.randn(len(IDS), 3)
+    out = gated(x, routing_for(IDS))
+    assert torch.equal(out.expert_index_TK, plain(x, routing_for(IDS)).expert_index_TK)  # the table still picks
+    score = torch.sqrt(torch.nn.functional.softplus(x @ gated.weight.t())).gather(1, out.expert_index_TK)
+    expected = score / score.sum(-1, keepdim=True) if heads > 1 else score
+    torch.testing.assert_close(out.expert_weight_TK, expected)
+    out.expert_weight_TK[:, 0].sum().backward()
+    assert gated.weight.grad is not None and gated.weight.grad.abs().sum() > 0
+
+
+def biased_router(rate, capacity_factor=None, k=1):
+    router = SoftmaxRouter(2, E, k=k, renormalize=k > 1, jitter=0.0, capacity_factor=capacity_factor,
+                           eval_capacity_factor=None, aux_loss_coef=0.0, z_loss_coef=0.0, init_scale=0.1,
+                           bias_update_rate=rate)
+    with torch.no_grad():  # every token prefers expert 0 by a margin that only the bias can overcome
+        router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.3], [0.0, 0.2], [0.0, 0.1]]))
+    router.reset_parameters = None  # keep the hand-set weight
+    return router
+
+
+def test_bias_balancing_moves_the_choice_not_the_weight_and_balances_the_load():
+    torch.manual_seed(0)
+    x = torch.randn(256, 2) * 2 + torch.tensor([3.0, 0.0])
+    router = biased_router(rate=0.01)
+    assert "score_correction_bias" in router.state_dict() and "chosen_since_update" not in router.state_dict()
+    first = router(x, routing_for([0] * 256))
+    loads = [torch.bincount(first.expert_index_TK[:, 0], minlength=E)]
+    for _ in range(200):
+        out = router(x, routing_for([0] * 256))
+        router.update_bias(router.chosen_since_update.clone())
+        loads.append(torch.bincount(out.expert_index_TK[:, 0], minlength=E))
+    assert loads[0][0] > 0.9 * 256  # unbalanced before any update
+    assert router.chosen_since_update.sum() == 0  # the update consumes the counts
+    late_E = torch.stack(loads[-50:]).float().mean(0)  # sign steps oscillate around the balance: average them
+    assert late_E.max() < 0.35 * 256 and late_E.min() > 0.15 * 256, late_E
+    out = router(x, routing_for([0] * 256))
+    probs = torch.softmax(x @ router.weight.t(), -1)
+    torch.testing.assert_close(out.expert_weight_TK, probs.gather(1, out.expert_index_TK))  # weights: no bias
+    router.eval()
+    before = router.chosen_since_update.clone()
+    router(x, routing_for([0] * 256))
+    assert torch.equal(router.chosen_since_update, before)  # evaluation is not counted
+
+
+def test_the_choice_before_capacity_is_reported_beside_what_was_kept():
+    router = switch_router(capacity_factor=1.0)
+    x = torch.tensor([[2.0, 0.0]] * 5 + [[0.0, 2.0]])
+    out = router(x, routing_for([0] * 6))
+    assert out.chosen_index_TK[:, 0].tolist() == [0, 0, 0, 0, 0, 1]
+    assert out.expert_index_TK[:, 0].tolist() == [0, 0, 0, -1, -1, 1]

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 from trainer.config import load_config
 from trainer.data import BatchSchedule, prepare_data
 from trainer.distributed import shutdown_distributed
-from trainer.hf import deepspeed_config, shard_experts
+from trainer.hf import RouterBiasUpdate, deepspeed_config, shard_experts
 from trainer.loop import build_model
 
 
@@ -49,7 +49,7 @@ def main(config_path: str, out_path: str) -> None:
         adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_epsilon=1e-8, max_grad_norm=optim.grad_clip,
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=config.run.seed,
         deepspeed=deepspeed_config())
-    trainer = FixedOrderTrainer(model=model, args=args, micro_batches=micro_batches)
+    trainer = FixedOrderTrainer(model=model, args=args, micro_batches=micro_batches, callbacks=[RouterBiasUpdate()])
     trainer.train()
     if rank == 0:
         losses = {row["step"]: row["loss"] for row in trainer.state.log_history if "loss" in row}

@@ -47,7 +47,8 @@ def make_run(root: Path, name: str, model: dict, rates: list[float], ppls: dict[
         if elapsed:  # the command's wall clock: 30 s per window, set-up and evaluation included
             row["time/elapsed_s"] = 30.0 * (i + 1)
         if moe_layers:
-            row |= {"moe/dropped_frac": dropped[i] if dropped else 0.0, "moe/load_cv": 0.1}
+            row |= {"moe/dropped_frac": dropped[i] if dropped else 0.0, "moe/load_cv": 0.1,
+                    "moe/load_cv_chosen": 0.3 + 0.1 * i}
             for layer in range(len(moe_layers)):
                 # Final window: expert 0 takes 3 shares, the others 1 each.
                 counts = torch.ones(experts) * (step if i < len(rates) - 1 else 1)
@@ -126,9 +127,12 @@ def test_table_rows_labels_and_statuses(report):
     assert (hashed["updates/s"], hashed["tokens/s"], hashed["wall time"]) == ("1.78", "3,641", "2m00s")
     assert (hashed["final valid ppl"], hashed["best valid ppl"]) == ("80.00", "80.00")
     assert (switch["final valid ppl"], switch["best valid ppl"]) == ("95.00", "90.00")
-    assert (switch["dropped frac"], switch["load CV"]) == ("0.2000", "0.100")
+    # the mean over windows and the last window; the load before capacity (chosen) and after it (kept)
+    assert switch["dropped frac mean / final"] == "0.2000 / 0.3000"
+    assert switch["load CV final (chosen / kept)"] == "0.500 / 0.100"
     assert (switch["eval capacity"], hashed["eval capacity"]) == ("none", "-")  # today's default: no capacity
-    assert (dense["dropped frac"], dense["load CV"], dense["updates/s"]) == ("-", "-", "2.00")
+    assert (dense["dropped frac mean / final"], dense["load CV final (chosen / kept)"], dense["updates/s"]) == (
+        "-", "-", "2.00")
     assert (unfinished["updates/s"], unfinished["wall time"]) == ("1.00", "-")
     assert (unfinished["final valid ppl"], unfinished["best valid ppl"]) == ("-", "-")
     assert missing["params total"] == missing["updates/s"] == "-"
@@ -246,3 +250,17 @@ def test_runs_differing_only_by_seed_are_one_group_with_mean_and_std(tmp_path):
     assert cells[2] == "90.00 ± 10.00 (3)" and cells[3] == "90.00 ± 10.00 (3)" and cells[4] == "2.00 ± 0.00 (3)"
     assert (tmp_path / "report" / "valid_ppl_across_seeds.png").stat().st_size > 1000
     assert "valid_ppl_across_seeds.png" in text
+
+
+def test_oracle_future_is_labelled_an_upper_bound_and_modern_baselines_are_named():
+    from trainer.compare import RunSummary, table_row
+
+    def row(**model):
+        config = {f"model.{k}": v for k, v in {"moe_layers": [1], "num_experts": 4, **model}.items()}
+        return table_row(RunSummary(path=Path("x"), status="finished", config=config, label="x"))
+
+    assert "upper bound" in row(router="hash", hash_function="oracle_future")[2]
+    assert "upper bound" not in row(router="hash", hash_function="random")[2]
+    assert row(router="hash", hash_function="random", hash_gate="sqrtsoftplus")[2] == (
+        "random, gate sqrtsoftplus (DeepSeek-V4)")
+    assert row(router="switch", router_bias_update_rate=0.001)[1] == "switch + bias balancing (0.001)"

@@ -64,7 +64,7 @@ def test_tiny_recipe_loads_with_defaults_filled():
     assert config.run_dir == Path("runs/tiny")
     assert config.model == TINY_MODEL
     assert config.data == DataConfig(dataset="shakespeare", vocab_size=4096, seq_len=128)
-    assert config.optim == OptimConfig(lr=2e-3, warmup_steps=30, max_steps=300, micro_batch_size=16)
+    assert config.optim == OptimConfig(lr=2e-3, warmup_steps=100, max_steps=300, micro_batch_size=16)
     # keys the recipe leaves out take the dataclass defaults
     assert config.optim.optimizer == "adamw" and config.optim.schedule == "cosine"
     assert config.optim.betas == [0.9, 0.95] and config.optim.grad_accum == 1
@@ -72,6 +72,15 @@ def test_tiny_recipe_loads_with_defaults_filled():
     assert config.logging == LoggingConfig(log_every=10, eval_every=100, eval_blocks=128)
     assert config.logging.tensorboard is True and config.logging.progress is True
     assert config.checkpoint == CheckpointConfig(every=100, keep=2)
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")))
+def test_every_shipped_recipe_gives_a_valid_model_config(recipe):
+    from models import HashMoEConfig
+    from trainer.config import model_config_fields
+
+    config = load_config(ROOT / recipe)
+    HashMoEConfig(**model_config_fields(config.model), vocab_size=config.data.vocab_size)  # raises on a bad field
 
 
 def test_tiny_ep2_recipe_loads():

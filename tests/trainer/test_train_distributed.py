@@ -103,7 +103,8 @@ def test_metrics_jsonl_and_tensorboard_carry_the_named_tags(corpus, tmp_path):
     check(run(train_command(write_config(tmp_path / "run.yaml", config), 1)))
     rows = [r for r in __import__("trainer.metrics", fromlist=["x"]).read_metrics(run_dir)]
     train_tags = {"train/loss", "train/ppl", "train/updates_per_sec", "train/tokens_per_sec", "train/lr",
-                  "moe/aux_loss", "moe/dropped_frac", "moe/load_cv", "memory/peak_rank_mib"}
+                  "moe/aux_loss", "moe/dropped_frac", "moe/load_cv", "moe/load_cv_chosen", "memory/peak_rank_mib",
+                  "train/grad_norm", "train/grad_norm_max"}
     assert train_tags <= set(rows[-2]) | set(rows[-1])
     assert "train/mfu" not in rows[-2]  # no known peak on CPU
     assert 100 < rows[-2]["memory/peak_rank_mib"] < 24 * 1024  # the trainer's resident set, in MiB
@@ -115,7 +116,7 @@ def test_metrics_jsonl_and_tensorboard_carry_the_named_tags(corpus, tmp_path):
         last["train/updates_per_sec"] * 4 * 32)
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0}).Reload()
     assert train_tags | {"valid/loss", "valid/ppl"} <= set(events.Tags()["scalars"])
-    assert "moe/expert_load/layer_0" in events.Tags()["histograms"]
+    assert {"moe/expert_load/layer_0", "moe/expert_load_chosen/layer_0"} <= set(events.Tags()["histograms"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
@@ -157,3 +158,31 @@ def test_the_validation_set_is_the_same_on_any_number_of_ranks(corpus, tmp_path)
             tmp_path / name) if "valid/loss" in r)
     assert losses["two"] == pytest.approx(losses["one"], rel=1e-6), losses
     assert losses["two-ep2"] == pytest.approx(losses["one"], rel=1e-6), losses
+
+
+def checkpoint_tensor(run_dir, suffix: str) -> torch.Tensor:
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    state = torch.load(run_dir / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)
+    return next(v for k, v in state["module"].items() if k.endswith(suffix))
+
+
+def test_bias_balancing_moves_every_rank_by_the_global_load(corpus, tmp_path):
+    """DeepSeek-V3's aux-loss-free balancing: after every optimizer step each rank adds the same +-rate step,
+    computed from the choices of all ranks. 1 process vs 2 ranks with ep_size 2 and the same global batch give
+    the same biases and losses; a rank that moved by its own load alone would differ."""
+    corpus_file, cache = corpus
+    extra = dict(optim__max_steps=6, checkpoint__every=6, model__router="topk", model__router_aux_loss_coef=0.0,
+                 model__capacity_factor=None, model__router_bias_update_rate=0.01)
+    one = base_config(tmp_path / "one", corpus_file, cache, optim__micro_batch_size=4, **extra)
+    two = base_config(tmp_path / "two", corpus_file, cache, optim__micro_batch_size=2, parallel__ep_size=2, **extra)
+    check(run(train_command(write_config(tmp_path / "one.yaml", one), 1)))
+    check(run(train_command(write_config(tmp_path / "two.yaml", two), 2)))
+    bias_one, bias_two = (checkpoint_tensor(tmp_path / name, "router.score_correction_bias") for name in ("one", "two"))
+    assert bias_one.abs().sum() > 0  # it moved: 6 steps of +-0.01 per expert
+    assert torch.all((bias_one.abs() * 100).round() <= 6)
+    torch.testing.assert_close(bias_two, bias_one, rtol=0, atol=1e-6)
+    rows1, rows2 = train_rows(tmp_path / "one"), train_rows(tmp_path / "two")
+    for step in rows1:
+        assert rows2[step]["train/loss"] == pytest.approx(rows1[step]["train/loss"], rel=2e-6, abs=2e-6), step
+    assert rows1[6]["moe/load_cv_chosen"] == pytest.approx(rows1[6]["moe/load_cv"])  # no capacity: nothing dropped
+    assert rows1[6]["train/grad_norm"] > 0 and rows1[6]["train/grad_norm_max"] >= rows1[6]["train/grad_norm"]
