@@ -18,7 +18,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import flatten_config
 from trainer.errors import UserError
 from trainer.metrics import read_metrics
-from trainer.seed_groups import group_by_seed, seed_bands, seed_table
+from trainer.seed_groups import group_by_seed, ordering_table, seed_bands, seed_table
 
 PLOTS = {"valid_ppl_vs_step.png": "valid ppl vs step", "valid_ppl_vs_time.png": "valid ppl vs training time",
          "valid_ppl_vs_flops.png": "valid ppl vs training FLOPs", "updates_per_sec.png": "updates per second",
@@ -312,6 +312,7 @@ def render_report(runs: list[RunSummary], keys: list[str], groups: list | None =
         cells = cells[:-1] + [cell(r) if r.ok else "-" for _, cell in extra] + cells[-1:]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += seed_table(groups or [])
+    lines += ordering_table(groups or [])
     lines += ["", "Run folders:"] + [f"- {r.label}: `{r.path}`" for r in runs]
     notes = [f"- {r.label}: {n}" for r in runs for n in r.notes]
     lines += ["", "## Notes"] + (notes or ["- none"])

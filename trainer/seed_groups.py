@@ -36,13 +36,13 @@ def group_by_seed(runs: list, keys: list[str]) -> list[SeedGroup]:
     return [g for g in groups.values() if len(set(map(repr, g.seeds))) >= 2]
 
 
-def mean_std(values: list) -> str:
+def mean_std(values: list, spec: str = ".2f") -> str:
     """'mean ± std (n)' of the numbers among values; '-' if none."""
     numbers = [v for v in values if isinstance(v, (int, float))]
     if not numbers:
         return "-"
     spread = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
-    return f"{statistics.mean(numbers):.2f} ± {spread:.2f} ({len(numbers)})"
+    return f"{statistics.mean(numbers):{spec}} ± {spread:{spec}} ({len(numbers)})"
 
 
 def seed_table(groups: list[SeedGroup]) -> list[str]:
@@ -51,12 +51,45 @@ def seed_table(groups: list[SeedGroup]) -> list[str]:
         return []
     lines = ["", "## Across seeds", "",
              "Runs equal in every config key but `run.seed`: mean ± sample std (number of runs).", "",
-             "| group | seeds | final valid ppl | best valid ppl | updates/s |", "|---|---|---|---|---|"]
+             "| group | seeds | final valid ppl | best valid ppl | updates/s | final dropped frac |",
+             "|---|---|---|---|---|---|"]
     for group in groups:
         final = [r.valid[-1][1] if r.valid else None for r in group.runs]
         best = [min(p for _, p in r.valid) if r.valid else None for r in group.runs]
         lines.append(f"| {group.label} | {', '.join(str(s) for s in group.seeds)} | {mean_std(final)} | "
-                     f"{mean_std(best)} | {mean_std([r.updates_per_sec for r in group.runs])} |")
+                     f"{mean_std(best)} | {mean_std([r.updates_per_sec for r in group.runs])} | "
+                     f"{mean_std([r.final_dropped_frac for r in group.runs], '.3f')} |")
+    return lines
+
+
+def ordering_by_step(groups: list[SeedGroup]) -> list[tuple[int, list[str]]]:
+    """(step, group labels from the lowest mean valid ppl to the highest) at every step all the groups' runs
+    evaluated: how the ranking moved during training."""
+    by_step = [dict(r.valid) for g in groups for r in g.runs]
+    steps = sorted(set.intersection(*(set(s) for s in by_step))) if by_step else []
+    rows = []
+    for step in steps:
+        means = {g.label: statistics.mean(dict(r.valid)[step] for r in g.runs) for g in groups}
+        rows.append((step, sorted(means, key=means.get)))
+    return rows
+
+
+def ordering_table(groups: list[SeedGroup]) -> list[str]:
+    """The report's "Ordering over training" section: the groups' rank (1 = lowest mean valid ppl) at each shared
+    evaluation step, and the last step at which the ranking changed."""
+    rows = ordering_by_step(groups)
+    if len(groups) < 2 or len(rows) < 2:
+        return []
+    last_change = next((step for (step, order), (_, before) in zip(reversed(rows), reversed(rows[:-1]))
+                        if order != before), None)
+    lines = ["", "## Ordering over training", "",
+             "Rank of each group by mean valid ppl (1 = best) at the evaluation steps all its runs share. " +
+             (f"The ranking last changed at step {last_change} (of {rows[-1][0]})." if last_change is not None
+              else "The ranking never changed."), "",
+             "| group | " + " | ".join(str(step) for step, _ in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for group in groups:
+        lines.append(f"| {group.label} | " + " | ".join(str(order.index(group.label) + 1) for _, order in rows) + " |")
     return lines
 
 

@@ -241,6 +241,7 @@ def test_runs_differing_only_by_seed_are_one_group_with_mean_and_std(tmp_path):
     folders.append(make_run(tmp_path, "dense", {"moe_layers": []}, [3.0, 3.0, 3.0, 3.0], {20: 130.0, 40: 110.0},
                             summary=finished))
     report = compare_runs(folders, tmp_path / "report")
+    assert "## Ordering over training" not in report.read_text()  # one group: no ranking
     text = report.read_text()
     across = text.split("## Across seeds")[1].split("\n\n", 2)[2]
     rows = [line for line in across.splitlines() if line.startswith("| ") and not line.startswith("| group")]
@@ -250,6 +251,19 @@ def test_runs_differing_only_by_seed_are_one_group_with_mean_and_std(tmp_path):
     assert cells[2] == "90.00 ± 10.00 (3)" and cells[3] == "90.00 ± 10.00 (3)" and cells[4] == "2.00 ± 0.00 (3)"
     assert (tmp_path / "report" / "valid_ppl_across_seeds.png").stat().st_size > 1000
     assert "valid_ppl_across_seeds.png" in text
+
+    # a second seed of dense: two groups, ranked at each shared evaluation step
+    dense2 = make_run(tmp_path, "dense-s2", {"moe_layers": []}, [3.0] * 4, {20: 70.0, 40: 110.0}, summary=finished)
+    config = yaml.safe_load((dense2 / "config.yaml").read_text())
+    config["run"]["seed"] = 99
+    (dense2 / "config.yaml").write_text(yaml.safe_dump(config))
+    text = compare_runs(folders + [dense2], tmp_path / "report2").read_text()
+    ordering = text.split("## Ordering over training")[1]
+    assert "The ranking last changed at step 40 (of 40)." in ordering
+    ranks = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in ordering.splitlines()
+             if line.startswith("| ") and "---" not in line and not line.startswith("| group")}
+    # step 20: dense 100 (mean of 130, 70) beats hash 120; step 40: hash 90 beats dense 110
+    assert sorted(ranks.values()) == [["1", "2"], ["2", "1"]], ranks
 
 
 def test_oracle_future_is_labelled_an_upper_bound_and_modern_baselines_are_named():
