@@ -72,7 +72,8 @@ class HashMoEConfig(PretrainedConfig):
         hash_gate (`str`, defaults to `"none"`): the weight of the hashed expert's output: `none` (1, Roller et
             al.) or `sqrtsoftplus` (DeepSeek-V4's hash layers: the table picks the expert, a learned router
             weights it by `sqrt(softplus(x . w_e))`; with `hash_heads` > 1 the heads' weights are renormalised
-            to sum to 1, as V4 renormalises a token's chosen experts).
+            to sum to hash_heads, as V4 renormalises a token's chosen experts, and as the ungated heads' weights
+            of 1 sum).
         num_experts_per_tok (`int`, defaults to 2): k of the `topk` router.
         capacity_factor (`float`, *optional*, defaults to 1.0): training capacity of `switch`/`topk`: each
             expert takes at most `ceil(k * tokens * capacity_factor / num_experts)` tokens; the rest are dropped

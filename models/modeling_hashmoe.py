@@ -622,7 +622,7 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def fit_hash_tables(self, token_counts: torch.Tensor | None = None,
                         embeddings: torch.Tensor | None = None) -> None:
-        """Build the data-dependent hash tables: `balanced`/`balanced_lpt` from training-set token counts ([vocab_size]),
+        """Build the data-dependent hash tables: `balanced`/`balanced_lpt` from training-set token counts ([V]),
         `clustered`/`dispersed` from token embeddings of a trained model ([vocab_size, d])."""
         for router in self.hash_routers():
             router.fit(token_counts=token_counts, embeddings=embeddings)

@@ -182,10 +182,13 @@ class HashRouter(nn.Module):
             weight_TH = torch.ones(index_TH.shape, dtype=x_TD.dtype, device=x_TD.device)
             return RouterOutput(index_TH.contiguous(), weight_TH, x_TD.new_zeros(()))
         logits_TE = F.linear(x_TD.float(), self.weight.float())
-        weight_TH = torch.sqrt(F.softplus(logits_TE.gather(1, index_TH)))  # V4's "sqrtsoftplus" score
+        # V4's "sqrtsoftplus" score; the clamp keeps the gradient finite where softplus underflows to 0
+        weight_TH = torch.sqrt(F.softplus(logits_TE.gather(1, index_TH)).clamp_min(1e-20))
         if self.num_heads > 1:
-            # V4 renormalises the scores of a token's chosen experts; with one head that would make the weight 1.
-            weight_TH = weight_TH / weight_TH.sum(dim=-1, keepdim=True)
+            # V4 renormalises the scores of a token's chosen experts (with one head that would fix the weight at
+            # 1). The heads here are segments of one FFN, each weighted 1 without a gate, so the weights are
+            # renormalised to sum to H, not 1.
+            weight_TH = self.num_heads * weight_TH / weight_TH.sum(dim=-1, keepdim=True)
         return RouterOutput(index_TH.contiguous(), weight_TH.to(x_TD.dtype), x_TD.new_zeros(()), logits_TE)
 
 
@@ -247,14 +250,16 @@ class SoftmaxRouter(nn.Module):
             # transformers' DeepSeek-V3 names it (e_score_...), and without "expert": DeepSpeed's checkpointing
             # files any MoE-layer tensor whose name holds "expert" as an expert's.
             self.register_buffer("score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
-            # Choices since the last update, summed on the device (no host read per step).
-            self.register_buffer("chosen_since_update", torch.zeros(num_experts, dtype=torch.float32),
+            # Choices since the last update, summed on the device (no host read per step); integers, which
+            # model.to(bfloat16) leaves alone (bf16 stops counting at 256).
+            self.register_buffer("chosen_since_update", torch.zeros(num_experts, dtype=torch.long),
                                  persistent=False)
 
     @torch.no_grad()
     def update_bias(self, chosen_E: torch.Tensor) -> None:
         """One DeepSeek-V3 step from `chosen_E`, the choices per expert since the last update (all ranks')."""
-        self.score_correction_bias += self.bias_update_rate * torch.sign(chosen_E.mean() - chosen_E).to(self.score_correction_bias)
+        step_E = self.bias_update_rate * torch.sign(chosen_E.double().mean() - chosen_E)
+        self.score_correction_bias += step_E.to(self.score_correction_bias)
         self.chosen_since_update.zero_()
 
     def reset_parameters(self) -> None:
@@ -286,9 +291,9 @@ class SoftmaxRouter(nn.Module):
         if self.z_loss_coef > 0:
             aux_loss = aux_loss + self.z_loss_coef * router_z_loss(logits_TE)
         capacity = self.capacity(x_TD.shape[0])
-        chosen_TK = index_TK
+        chosen_TK = None  # nothing dropped: the choice is the index
         if capacity is not None:
-            index_TK = drop_over_capacity(index_TK, capacity, self.num_experts)
+            chosen_TK, index_TK = index_TK, drop_over_capacity(index_TK, capacity, self.num_experts)
         return RouterOutput(index_TK, weight_TK.to(x_TD.dtype), aux_loss, logits_TE, chosen_TK)
 
 

@@ -55,7 +55,8 @@ def build_model(config: RunConfig, data: PreparedData):
 
     torch.manual_seed(config.run.seed)
     model = HashMoEForCausalLM(build_model_config(config, data))
-    if model.config.is_moe and model.config.router == "hash" and model.config.hash_function in HashRouter.BALANCED_FUNCTIONS:
+    model_config = model.config
+    if model_config.is_moe and model_config.router == "hash" and model_config.hash_function in HashRouter.BALANCED_FUNCTIONS:
         model.fit_hash_tables(token_counts=data.train_token_counts)
     if config.model.get("gradient_checkpointing"):
         # Before parallelize(): the expert-parallel MoE replaces each block's FFN, and the block (a
@@ -475,9 +476,12 @@ class TrainLoop:
             out = engine(micro, labels=micro_labels, use_cache=False)
             engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()
-            if boundary:
-                self.add_grad_norm()
+            if boundary and engine.zero_optimization_stage() == 0:
+                self.add_grad_norm(self.local_grad_norm())
             engine.step()
+            if boundary and engine.zero_optimization_stage() > 0 and engine.get_global_grad_norm() is not None:
+                # ZeRO-1/2 moved the gradients into its partitions during backward and computed the norm itself
+                self.add_grad_norm(torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float64))
             if boundary and self.balances_router_bias:
                 # every rank's choices, so each rank applies the same bias update (one all-reduce per step)
                 self.engine.module.update_router_biases(dist.all_reduce)
@@ -489,14 +493,17 @@ class TrainLoop:
                 self.load[i] += load.detach().to(self.load.device, torch.float64)
                 self.load_chosen[i] += chosen.detach().to(self.load.device, torch.float64)
 
-    def add_grad_norm(self) -> None:
-        """This rank's gradient 2-norm before clipping, kept on the device (DeepSpeed computes it for clipping but
-        does not keep it in fp32 stage 0). Ranks differ only by their experts' gradients; the window reports the
-        mean over ranks, as DeepSpeed's clipping uses."""
+    def local_grad_norm(self) -> torch.Tensor | None:
+        """This rank's gradient 2-norm before clipping, on the device: DeepSpeed computes it to clip in fp32 stage
+        0 but does not keep it. Ranks differ only by their experts' gradients; the window reports the mean over
+        ranks, which is the norm DeepSpeed's clipping uses."""
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()) if grads else None
+
+    def add_grad_norm(self, norm: torch.Tensor | None) -> None:
+        if norm is None:
             return
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double())
+        norm = norm.to(self.grad_norms.device, torch.float64)
         self.grad_norms += torch.stack([norm, torch.zeros_like(norm), torch.ones_like(norm)])
         self.grad_norms[1] = torch.maximum(self.grad_norms[1], norm)
 
@@ -518,7 +525,7 @@ class TrainLoop:
         if grad_norms[2] > 0:
             ranks = self.env.world_size
             row["train/grad_norm"] = (grad_norms[0] / grad_norms[2]).item()
-            row["train/grad_norm_max"] = (grad_norms[1] / ranks).item()
+            row["train/grad_norm_max"] = (grad_norms[1] / ranks).item()  # the ranks' mean of their largest
         if self.peak_flops is not None:
             row["train/mfu"] = row["train/flops_per_sec"] / (self.env.world_size * self.peak_flops)
         peak = torch.tensor([peak_memory_mib(self.device)], device=collective_device())

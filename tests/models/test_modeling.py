@@ -175,3 +175,14 @@ def test_experts_implementations_give_the_same_model(name, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._experts_implementation is None  # per device
     with pytest.raises(ValueError, match="grouped_mm, eager"):
         AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="batched_mm")
+
+
+def test_the_balancing_bias_stays_fp32_under_a_bf16_load_and_counts_stay_exact(tmp_path):
+    build("switch-bias").save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    router = loaded.model.layers[1].mlp.router
+    assert router.weight.dtype == torch.bfloat16
+    # steps of 1e-2 on fp32 probabilities: from_pretrained casts the parameters, and keeps the saved fp32 buffer
+    assert router.score_correction_bias.dtype == torch.float32
+    loaded.to(torch.bfloat16)
+    assert router.chosen_since_update.dtype == torch.long  # bf16 would stop counting at 256

@@ -198,7 +198,7 @@ def test_hash_gate_weights_the_hashed_expert_by_a_learned_sqrt_softplus_score(he
     out = gated(x, routing_for(IDS))
     assert torch.equal(out.expert_index_TK, plain(x, routing_for(IDS)).expert_index_TK)  # the table still picks
     score = torch.sqrt(torch.nn.functional.softplus(x @ gated.weight.t())).gather(1, out.expert_index_TK)
-    expected = score / score.sum(-1, keepdim=True) if heads > 1 else score
+    expected = heads * score / score.sum(-1, keepdim=True) if heads > 1 else score  # H segments: sum H
     torch.testing.assert_close(out.expert_weight_TK, expected)
     out.expert_weight_TK[:, 0].sum().backward()
     assert gated.weight.grad is not None and gated.weight.grad.abs().sum() > 0

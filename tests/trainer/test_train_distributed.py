@@ -186,3 +186,21 @@ def test_bias_balancing_moves_every_rank_by_the_global_load(corpus, tmp_path):
         assert rows2[step]["train/loss"] == pytest.approx(rows1[step]["train/loss"], rel=2e-6, abs=2e-6), step
     assert rows1[6]["moe/load_cv_chosen"] == pytest.approx(rows1[6]["moe/load_cv"])  # no capacity: nothing dropped
     assert rows1[6]["train/grad_norm"] > 0 and rows1[6]["train/grad_norm_max"] >= rows1[6]["train/grad_norm"]
+
+
+def test_grad_norm_is_logged_under_zero_stage_0_and_1_alike(corpus, tmp_path):
+    """Stage 0: hashmoe's own norm of the gradients (DeepSpeed does not keep it); ZeRO-1 moves the gradients into
+    its partitions during backward, so the norm is DeepSpeed's. Same run, same numbers."""
+    corpus_file, cache = corpus
+    zero1 = tmp_path / "zero1_fp32.json"
+    zero1.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": False},
+                                 "optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
+                                 "steps_per_print": 10 ** 9}))
+    norms = {}
+    for name, ds_config in (("stage0", "cpu"), ("stage1", str(zero1))):
+        config = base_config(tmp_path / name, corpus_file, cache, optim__max_steps=3, optim__grad_clip=1.0,
+                             parallel__ds_config=ds_config, checkpoint__every=0)
+        check(run(train_command(write_config(tmp_path / f"{name}.yaml", config), 1)))
+        norms[name] = [row["train/grad_norm"] for _, row in sorted(train_rows(tmp_path / name).items())]
+    assert len(norms["stage0"]) == 3 and all(n > 0 for n in norms["stage0"])
+    assert norms["stage1"] == pytest.approx(norms["stage0"], rel=1e-4)
