@@ -118,7 +118,10 @@ class HashMoEConfig(PretrainedConfig):
             in chunks of F tokens; each step runs the stack over the W most recent tokens' current states (the
             new chunk included), so every chunk is processed W / F times and its output is taken when it leaves
             the window. `memory` (default 0, a multiple of F) keeps the keys and values of the M tokens that
-            left the window last as extra attention context (the cached Staircase). `None` (default): one pass.
+            left the window last as extra attention context (the cached Staircase); `memory_form` says what the memory
+            holds: `"layers"` (default: each layer's own keys and values of those tokens, Transformer-XL's form)
+            or `"output"` (their output states, projected by every layer: the paper's form as the review of
+            issue 15 read it; `models/staircase.py`). `None` (default): one pass.
     """
 
     model_type = "hashmoe"
@@ -261,10 +264,13 @@ class HashMoEConfig(PretrainedConfig):
 
     def _check_staircase(self, fail) -> None:
         r = self.recurrence
-        unknown = set(r) - {"kind", "chunk", "window", "memory"}
+        unknown = set(r) - {"kind", "chunk", "window", "memory", "memory_form"}
         chunk, window, memory = r.get("chunk"), r.get("window"), r.get("memory", 0)
         usage = ("e.g. {kind: staircase, chunk: 16, window: 64, memory: 0}: chunk and window positive integers, "
-                 "window a multiple of chunk, memory 0 or a multiple of chunk.")
+                 "window a multiple of chunk, memory 0 or a multiple of chunk, memory_form layers (default) or "
+                 "output.")
+        if r.get("memory_form", "layers") not in ("layers", "output"):
+            fail("recurrence", f"memory_form={r.get('memory_form')!r}", f"Use layers or output: {usage}")
         if unknown or not _positive_int(chunk) or not _positive_int(window) or not (memory == 0 or _positive_int(memory)):
             fail("recurrence", f"got {r!r}", f"A staircase takes chunk, window and optionally memory: {usage}")
         if window % chunk or memory % chunk:

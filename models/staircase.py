@@ -22,8 +22,8 @@ for the finished tokens in their last pass, i.e. per-layer states (Transformer-X
 each layer's input states and projecting them again, since the weights are shared). The review of issue 15 read
 the paper's cached Staircase as keeping one state per finished token, the chunk's output state after its last
 pass, which every layer then attends to through its own key/value projection (the Feedback Transformer's
-form). The two differ in what a layer sees of the past: its own level here, the top of the stack there. Only
-this form is implemented; the paper's form is not offered yet (issue 15's note says so).
+form). The two differ in what a layer sees of the past: its own level here, the top of the stack there. Both
+are offered: `memory_form: layers` (this default) or `memory_form: output` (the paper's, as read above).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class StaircaseCache(DynamicCache):
         super().__init__()
         self.step_caches: dict[int, tuple[DynamicCache, int]] = {}  # step -> (cache, memory length in it)
         self.finished: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # chunk -> per-layer (k, v)
+        self.chunk_outputs: list[torch.Tensor] = []  # outputs of the chunk being decoded (memory_form "output")
         self.seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -49,6 +50,7 @@ class StaircaseCache(DynamicCache):
     def _apply_to_memory(self, tensor_fn) -> None:
         self.finished = {chunk: [(tensor_fn(k), tensor_fn(v)) for k, v in layers]
                          for chunk, layers in self.finished.items()}
+        self.chunk_outputs = [tensor_fn(h) for h in self.chunk_outputs]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for step_cache, _ in self.step_caches.values():
@@ -83,6 +85,7 @@ class Staircase:
         self.chunk = recurrence["chunk"]
         self.passes = recurrence["window"] // self.chunk  # K
         self.memory_chunks = recurrence.get("memory", 0) // self.chunk  # M / F
+        self.memory_from_output = recurrence.get("memory_form", "layers") == "output"
         self.blocks = blocks
 
     def forward(self, x_BSD: torch.Tensor, routing_for):
@@ -102,7 +105,8 @@ class Staircase:
             if step - K + 1 == first:  # the oldest chunk leaves the window: its output is final
                 outputs[first] = states[first]
                 if cache is not None:
-                    finished[first] = self._chunk_kv(cache, memory_len, states[first].shape[1])
+                    finished[first] = (self._output_kv(states[first]) if self.memory_from_output
+                                       else self._chunk_kv(cache, memory_len, states[first].shape[1]))
                     finished.pop(first - self.memory_chunks, None)
         return torch.cat(outputs, dim=1), layer_stats
 
@@ -120,6 +124,8 @@ class Staircase:
                 step_cache, memory_len = cache.step_caches[step]
                 h_B1D = self._run_stack(h_B1D, step_cache, step_cache.get_seq_length(), routing, layer_stats)
             outputs.append(h_B1D)
+            if self.memory_from_output and self.memory_chunks:
+                cache.chunk_outputs.append(h_B1D)
             cache.seen_tokens += 1
         return torch.cat(outputs, dim=1), layer_stats
 
@@ -151,6 +157,18 @@ class Staircase:
             memory_len = cache.layers[0].keys.shape[2]
         return cache, memory_len
 
+    def _output_kv(self, h_BFD: torch.Tensor):
+        """Per-layer (k, v) of finished tokens from their output states: each layer projects the same states with
+        its own norm and key/value weights (memory_form "output")."""
+        B, F, D = h_BFD.shape
+        kv = []
+        for block in self.blocks:
+            attn = block.self_attn
+            qkv = attn.qkv_proj(block.input_layernorm(h_BFD)).view(B, F, 3, attn.num_heads, attn.head_dim)
+            _, k, v = qkv.permute(2, 0, 3, 1, 4)
+            kv.append((k, v))
+        return kv
+
     def _chunk_kv(self, cache: DynamicCache, start: int, length: int):
         return [(layer.keys[:, :, start:start + length], layer.values[:, :, start:start + length])
                 for layer in cache.layers[:len(self.blocks)]]
@@ -160,8 +178,12 @@ class Staircase:
         of the step that just ended, open the caches of the steps this chunk takes part in."""
         K = self.passes
         if self.memory_chunks and chunk > 0:
-            last_cache, memory_len = cache.step_caches[chunk - 1 + K - 1]  # holds only that chunk after memory
-            cache.finished[chunk - 1] = self._chunk_kv(last_cache, memory_len, self.chunk)
+            if self.memory_from_output:
+                cache.finished[chunk - 1] = self._output_kv(torch.cat(cache.chunk_outputs, dim=1))
+                cache.chunk_outputs = []
+            else:
+                last_cache, memory_len = cache.step_caches[chunk - 1 + K - 1]  # only that chunk after memory
+                cache.finished[chunk - 1] = self._chunk_kv(last_cache, memory_len, self.chunk)
             cache.finished.pop(chunk - 1 - self.memory_chunks, None)
         for step in [s for s in cache.step_caches if s < chunk]:
             del cache.step_caches[step]

@@ -8,8 +8,9 @@ from models import HashMoEForCausalLM
 from tests.conftest import tiny_config
 
 
-def staircase(chunk=3, window=6, memory=0):
-    return {"kind": "staircase", "chunk": chunk, "window": window, "memory": memory}
+def staircase(chunk=3, window=6, memory=0, memory_form=None):
+    recurrence = {"kind": "staircase", "chunk": chunk, "window": window, "memory": memory}
+    return recurrence if memory_form is None else {**recurrence, "memory_form": memory_form}
 
 
 def build(recurrence=None, **extra):
@@ -21,7 +22,8 @@ def ids(batch, length, seed=1):
     return torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-STAIRCASES = [staircase(), staircase(memory=3), staircase(chunk=2, window=6, memory=4), staircase(4, 4)]
+STAIRCASES = [staircase(), staircase(memory=3), staircase(chunk=2, window=6, memory=4), staircase(4, 4),
+              staircase(memory=3, memory_form="output"), staircase(chunk=2, window=6, memory=4, memory_form="output")]
 # Capacity makes a switch layer drop by how many tokens share a call: compare without it.
 ROUTERS = [dict(router="hash", hash_function="prev_token"), dict(router="switch", eval_capacity_factor=None),
            dict(moe_layers=[])]
@@ -59,7 +61,8 @@ def test_changing_future_tokens_leaves_earlier_outputs_unchanged(recurrence):
         assert (a[:, cut:] - b[:, cut:]).abs().amax(-1).min() > 1e-3  # every later position changes
 
 
-@pytest.mark.parametrize("recurrence", [staircase(), staircase(chunk=2, window=4, memory=4)])
+@pytest.mark.parametrize("recurrence", [staircase(), staircase(chunk=2, window=4, memory=4),
+                                        staircase(chunk=2, window=4, memory=4, memory_form="output")])
 @pytest.mark.parametrize("router", [dict(router="hash", hash_function="bigram"), dict(router="base"), dict()])
 def test_generation_with_cache_equals_without(recurrence, router):
     model = build(recurrence, **router)
@@ -156,3 +159,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(memory):
     assert grads[0].keys() == grads[1].keys()
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_the_output_memory_holds_each_finished_tokens_output_state_projected_by_every_layer():
+    """memory_form "output": the memory keys/values of layer l are layer l's projections of the finished tokens'
+    output states, not what layer l computed for them; the two forms give different models with the same weights."""
+    from models.staircase import Staircase
+
+    model = build(staircase(chunk=2, window=4, memory=2, memory_form="output"), router="hash",
+                  hash_function="random").eval()
+    blocks = model.model.layers
+    h = torch.randn(2, 2, blocks[0].self_attn.qkv_proj.in_features)
+    kv = Staircase(model.config.recurrence, blocks, None)._output_kv(h)
+    for block, (k, v) in zip(blocks, kv):
+        D = h.shape[-1]
+        qkv = block.self_attn.qkv_proj(block.input_layernorm(h))
+        heads = block.self_attn.num_heads
+        torch.testing.assert_close(k, qkv[..., D:2 * D].view(2, 2, heads, -1).transpose(1, 2))
+        torch.testing.assert_close(v, qkv[..., 2 * D:].view(2, 2, heads, -1).transpose(1, 2))
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    layers_form = build(staircase(chunk=2, window=4, memory=2), router="hash", hash_function="random").eval()
+    layers_form.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out, ref = model(ids).logits, layers_form(ids).logits
+    torch.testing.assert_close(out[:, :2], ref[:, :2])  # chunk 0 leaves before any memory is read
+    assert not torch.allclose(out[:, 2:], ref[:, 2:])
