@@ -31,6 +31,13 @@ MOE_ONLY_KEYS = {"num_experts", "expert_intermediate_size", "router", "num_exper
                  "eval_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter",
                  "router_init_scale", "base_centroid_gain", "output_router_logits", "router_bias_update_rate"}
 HASH_ONLY_KEYS = {"hash_function", "hash_heads", "hash_seed", "hash_gate"}
+# Model keys a router never reads: pruned so its label names only what shapes it (a hash run has no balance loss).
+LEARNED_ROUTER_KEYS = {"capacity_factor", "eval_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef",
+                       "router_jitter", "router_bias_update_rate"}
+UNREAD_KEYS = {"hash": LEARNED_ROUTER_KEYS | {"num_experts_per_tok", "base_centroid_gain"},
+               "base": LEARNED_ROUTER_KEYS | {"num_experts_per_tok", "router_init_scale"},
+               "switch": {"num_experts_per_tok", "base_centroid_gain"},
+               "topk": {"router_jitter", "base_centroid_gain"}}
 COLUMNS = ["run", "router", "hash function", "experts", "params total", "params trainable", "params active",
            "updates/s", "tokens/s", "final valid ppl", "best valid ppl", "dropped frac mean / final",
            "load CV final (chosen / kept)", "wall time",
@@ -103,8 +110,10 @@ def read_config(path: Path, defaults: dict) -> dict:
     model["moe_layers"] = sorted(model.get("moe_layers") or [])  # None (the default) means dense, as []
     if not model["moe_layers"]:
         model = {k: v for k, v in model.items() if k not in MOE_ONLY_KEYS | HASH_ONLY_KEYS}
-    elif model.get("router") != "hash":
-        model = {k: v for k, v in model.items() if k not in HASH_ONLY_KEYS}
+    else:
+        router = model.get("router")
+        unread = UNREAD_KEYS.get(router, set()) | (set() if router == "hash" else HASH_ONLY_KEYS)
+        model = {k: v for k, v in model.items() if k not in unread}
     return {k: v for k, v in flatten_config({**raw, "model": model}).items() if k not in IGNORED_KEYS}
 
 
