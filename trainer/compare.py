@@ -200,10 +200,13 @@ def differing_keys(runs: list[RunSummary]) -> list[str]:
     """Keys with two or more values among the runs where they apply (a key pruned from a dense run does not
     count: the key that made it irrelevant, moe_layers or router, differs itself)."""
     configs = [r.config for r in runs if r.ok and r.config]
+    prunable = {f"model.{k}" for k in MOE_ONLY_KEYS | HASH_ONLY_KEYS | set().union(*UNREAD_KEYS.values())}
     differing = []
     for key in sorted({k for c in configs for k in c}):
         values = [c[key] for c in configs if key in c]
-        if any(v != values[0] for v in values[1:]):
+        # A key some runs lack and no pruning explains is a difference too: a ladder's recurrence.kind against
+        # a run without recurrence (flattened, that run has model.recurrence = None instead).
+        if any(v != values[0] for v in values[1:]) or (len(values) < len(configs) and key not in prunable):
             differing.append(key)
     return differing
 

@@ -278,3 +278,19 @@ def test_oracle_future_is_labelled_an_upper_bound_and_modern_baselines_are_named
     assert row(router="hash", hash_function="random", hash_gate="sqrtsoftplus")[2] == (
         "random, gate sqrtsoftplus (DeepSeek-V4)")
     assert row(router="switch", router_bias_update_rate=0.001)[1] == "switch + bias balancing (0.001)"
+
+
+def test_a_key_only_some_runs_have_is_a_difference_unless_pruning_explains_it(tmp_path):
+    """A ladder (model.recurrence.kind/steps) against the same model without recurrence (model.recurrence: None):
+    the labels must differ; a dense run's missing router keys are pruning, not a difference."""
+    finished = {"step": 40, "stopped_early": False}
+    plain = make_run(tmp_path, "plain", {"moe_layers": []}, [2.0] * 4, {40: 100.0}, summary=finished)
+    ladder = make_run(tmp_path, "ladder", {"moe_layers": [], "recurrence": {"kind": "ladder", "steps": 2}},
+                      [2.0] * 4, {40: 110.0}, summary=finished)
+    hashed = make_run(tmp_path, "hashed", {"moe_layers": [1], "num_experts": 4, "router": "hash"}, [2.0] * 4,
+                      {40: 90.0}, summary=finished)
+    text = compare_runs([plain, ladder, hashed], tmp_path / "report").read_text()
+    keys = text.split("Differing config keys: ")[1].splitlines()[0]
+    assert "`model.recurrence.kind`" in keys and "`model.router`" not in keys  # dense lacks router: pruned
+    labels = list(table(text))
+    assert len(set(labels)) == 3, labels
