@@ -55,8 +55,8 @@ def build_model(config: RunConfig, data: PreparedData):
 
     torch.manual_seed(config.run.seed)
     model = HashMoEForCausalLM(build_model_config(config, data))
-    model_config = model.config
-    if model_config.is_moe and model_config.router == "hash" and model_config.hash_function in HashRouter.BALANCED_FUNCTIONS:
+    fitted_from_counts = model.config.router == "hash" and model.config.hash_function in HashRouter.BALANCED_FUNCTIONS
+    if model.config.is_moe and fitted_from_counts:
         model.fit_hash_tables(token_counts=data.train_token_counts)
     if config.model.get("gradient_checkpointing"):
         # Before parallelize(): the expert-parallel MoE replaces each block's FFN, and the block (a
@@ -476,12 +476,13 @@ class TrainLoop:
             out = engine(micro, labels=micro_labels, use_cache=False)
             engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()
-            if boundary and engine.zero_optimization_stage() == 0:
+            partitioned = engine.zero_optimization_stage() > 0
+            if boundary and not partitioned:
                 self.add_grad_norm(self.local_grad_norm())
             engine.step()
-            if boundary and engine.zero_optimization_stage() > 0 and engine.get_global_grad_norm() is not None:
+            if boundary and partitioned:
                 # ZeRO-1/2 moved the gradients into its partitions during backward and computed the norm itself
-                self.add_grad_norm(torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float64))
+                self.add_grad_norm(engine.get_global_grad_norm())
             if boundary and self.balances_router_bias:
                 # every rank's choices, so each rank applies the same bias update (one all-reduce per step)
                 self.engine.module.update_router_biases(dist.all_reduce)
@@ -500,10 +501,10 @@ class TrainLoop:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()) if grads else None
 
-    def add_grad_norm(self, norm: torch.Tensor | None) -> None:
+    def add_grad_norm(self, norm: torch.Tensor | float | None) -> None:
         if norm is None:
             return
-        norm = norm.to(self.grad_norms.device, torch.float64)
+        norm = torch.as_tensor(norm, dtype=torch.float64).to(self.grad_norms.device)
         self.grad_norms += torch.stack([norm, torch.zeros_like(norm), torch.ones_like(norm)])
         self.grad_norms[1] = torch.maximum(self.grad_norms[1], norm)
 
