@@ -509,13 +509,13 @@ class TrainLoop:
         self.grad_norms[1] = torch.maximum(self.grad_norms[1], norm)
 
     def window_metrics(self, step: int, seconds: float, steps: int) -> dict:
-        sums = self.sums.clone()
-        dist.all_reduce(sums)
-        load = torch.stack([self.load, self.load_chosen])
-        dist.all_reduce(load)
-        grad_norms = self.grad_norms.clone()
-        dist.all_reduce(grad_norms)  # the max's sum over ranks is divided below like the mean's
-        sums, (load, load_chosen), grad_norms = sums.cpu(), load.cpu(), grad_norms.cpu()  # the one read-back
+        # One all-reduce and one read-back for the window's sums; the max grad norm is summed over ranks too and
+        # divided below like the mean's.
+        packed = torch.cat([self.sums, self.grad_norms, self.load.flatten(), self.load_chosen.flatten()])
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        sums, grad_norms = packed[:5], packed[5:8]
+        load, load_chosen = packed[8:].view(2, *self.load.shape)
         lm_loss = (sums[0] / sums[4]).item()
         row = {"train/loss": lm_loss, "train/ppl": math.exp(min(lm_loss, 50.0)),
                "train/updates_per_sec": steps / seconds if seconds > 0 else float("nan"),

@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 HASHMOE=${HASHMOE:-.venv/bin/hashmoe}
 OUT_ROOT=${1:-docs/results/studies}
+source recipes/train-seeds.sh
 declare -A STUDY_RUNS=(
     [ladder]="dense-l2 ladder2-l2 dense-l4"
     [hash-ladder]="dense-l2 hash-l2 ladder2-l2 hash-ladder2-l2"
@@ -24,28 +25,10 @@ for study in ${STUDIES:-ladder hash-ladder staircase doping ladder-lr staircase-
         exit 2
     fi
     run_dirs=()
-    seeds=(${SEEDS:-})
     for recipe in ${STUDY_RUNS[$study]}; do
-        for seed in "${seeds[@]:-}"; do
-            name=$recipe${seed:+-s$seed}
-            run_dir=runs/studies/$name
-            run_dirs+=("$run_dir")
-            if [ -f "$run_dir/summary.json" ]; then
-                echo "== $study / $name: done already"
-                continue
-            fi
-            echo "== $study / $name"
-            start=$(date +%s)
-            if [ -n "$seed" ]; then
-                "$HASHMOE" train "recipes/studies/$recipe.yaml" --output "$run_dir" --set run.seed="$seed" \
-                    --set run.name="$name"
-            else
-                "$HASHMOE" train "recipes/studies/$recipe.yaml"
-            fi
-            echo "== $study / $name: $(( $(date +%s) - start )) s"
-        done
+        train_for_seeds "recipes/studies/$recipe.yaml" runs/studies "$study / "
     done
     # --labels config with seeds: runs of one recipe differ only by run.seed and are grouped
-    "$HASHMOE" compare "${run_dirs[@]}" --labels "$([ ${#seeds[@]} -gt 0 ] && echo config || echo name)" \
+    "$HASHMOE" compare "${run_dirs[@]}" --labels "$([ -n "${SEEDS:-}" ] && echo config || echo name)" \
         --out "$OUT_ROOT/$study"
 done
