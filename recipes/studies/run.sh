@@ -17,7 +17,7 @@ declare -A STUDY_RUNS=(
     [doping]="ff256 ff256-frozen768 ff1024 ff1024-monarch"
     [ladder-lr]="dense-l2 ladder2-l2 dense-l2-lr1e-3 ladder2-l2-lr1e-3"
     [staircase-lr]="walk-plain walk-staircase walk-staircase-lr1e-3"
-    [walk256]="walk256-plain walk256-chunk32 walk256-staircase walk256-dense-l8"
+    [walk256]="walk256-staircase walk256-plain walk256-chunk32 walk256-dense-l8"
 )
 for study in ${STUDIES:-ladder hash-ladder staircase doping ladder-lr staircase-lr walk256}; do
     if [ -z "${STUDY_RUNS[$study]:-}" ]; then
