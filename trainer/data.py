@@ -46,6 +46,7 @@ class DataConfig:
     # Synthetic tasks (trainer/tasks.py); one block = one episode (random_walk) or packed examples (reverse).
     task_size: int = 8  # random_walk: positions on the ring; reverse: digits in the alphabet
     task_query_every: int = 4  # random_walk: moves between queries
+    task_show_answers: bool = True  # random_walk: the answer follows "?" in the input (false: a label only)
     task_length: int = 8  # reverse: digits per example
     task_examples: int = 4096  # training blocks
     task_valid_examples: int = 256  # validation blocks (fresh episodes)
@@ -170,8 +171,8 @@ def _fingerprint(cfg: DataConfig, seed: int, files: list[Path]) -> str:
         "valid_fraction": cfg.valid_fraction, "tokenizers": tokenizers.__version__,
     }
     if cfg.dataset in TASKS:
-        payload.update({key: getattr(cfg, key) for key in ("task_size", "task_query_every", "task_length",
-                                                           "task_examples", "task_valid_examples")})
+        payload.update({key: getattr(cfg, key) for key in ("task_size", "task_query_every", "task_show_answers",
+                                                           "task_length", "task_examples", "task_valid_examples")})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 

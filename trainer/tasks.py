@@ -2,8 +2,11 @@
 
   random_walk  State tracking (Ju et al. 2021, Staircase, sec. 4.2): an agent walks on a ring of N
                positions. A block is one episode: the start position, then moves L / R / S (stay), and after
-               every `task_query_every` moves a query `?` whose answer is the current position. Positions
-               are never shown again after the start, so answering needs the running sum of all moves.
+               every `task_query_every` moves a query `?` whose answer is the current position. With
+               `task_show_answers` (the default) the answer follows `?` in the input, as teacher forcing
+               would have it, so an answer needs the previous answer and the moves since; without, the
+               answer is only the label of the `?` and the walk goes on, so every answer needs the start
+               and all moves since (the position is never shown again after the start).
   reverse      Algorithmic: `task_length` digits over an alphabet of N, a separator `=`, then the digits in
                reverse order; examples packed into a block back to back.
 
@@ -41,7 +44,8 @@ def word_tokenizer(words: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, clean_up_tokenization_spaces=False)
 
 
-def random_walk_blocks(num_blocks: int, seq_len: int, positions: int, query_every: int, generator):
+def random_walk_blocks(num_blocks: int, seq_len: int, positions: int, query_every: int, generator,
+                       show_answers: bool = True):
     """(ids, labels, units), each int64 [num_blocks, seq_len]."""
     vocab = {w: i for i, w in enumerate(vocabulary("random_walk", positions))}
     move_ids = torch.tensor([vocab[m] for m in MOVES])
@@ -53,11 +57,13 @@ def random_walk_blocks(num_blocks: int, seq_len: int, positions: int, query_ever
     ids[:, 1] = vocab["p0"] + position
     t, unit, since_query = 2, 0, 0
     while t < seq_len:
-        if since_query == query_every and t + 1 < seq_len:  # "?" then the answer
+        if since_query == query_every and t + 1 < seq_len:  # "?", predicting the answer as the next token
             ids[:, t] = vocab["?"]
-            ids[:, t + 1] = labels[:, t + 1] = vocab["p0"] + position
+            labels[:, t + 1] = vocab["p0"] + position
             units[:, t + 1] = unit
-            t, unit, since_query = t + 2, unit + 1, 0
+            if show_answers:  # the answer is also the next input; hidden, the next input is the next move
+                ids[:, t + 1] = labels[:, t + 1]
+            t, unit, since_query = t + 2 if show_answers else t + 1, unit + 1, 0
             continue
         move = torch.randint(0, len(MOVES), (num_blocks,), generator=generator)
         ids[:, t] = move_ids[move]
@@ -91,7 +97,8 @@ def build_task(cfg, seed: int) -> dict:
     for split, count, stream in (("train", cfg.task_examples, 0), ("valid", cfg.task_valid_examples, 1)):
         gen = torch.Generator().manual_seed(seed * 1000 + stream)
         if cfg.dataset == "random_walk":
-            made = random_walk_blocks(count, cfg.seq_len, cfg.task_size, cfg.task_query_every, gen)
+            made = random_walk_blocks(count, cfg.seq_len, cfg.task_size, cfg.task_query_every, gen,
+                                      cfg.task_show_answers)
         else:
             made = reverse_blocks(count, cfg.seq_len, cfg.task_size, cfg.task_length, gen)
         blocks.update({f"{split}_blocks": made[0], f"{split}_labels": made[1], f"{split}_units": made[2]})
@@ -106,6 +113,9 @@ def check_task(cfg) -> None:
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad(key, f"must be a positive integer, got {value!r}", "See DataConfig in trainer/data.py.")
+    if not isinstance(cfg.task_show_answers, bool):
+        raise bad("task_show_answers", f"must be true or false, got {cfg.task_show_answers!r}",
+                  "Set data.task_show_answers: true (answers in the input) or false (labels only).")
     if cfg.dataset == "random_walk" and cfg.seq_len < cfg.task_query_every + 4:
         raise bad("seq_len", f"{cfg.seq_len} leaves no room for one query after {cfg.task_query_every} moves",
                   f"Use seq_len >= {cfg.task_query_every + 4} or a smaller data.task_query_every.")

@@ -37,6 +37,30 @@ def test_random_walk_answers_are_the_position_reached_by_replaying_the_moves():
     assert (ids[:, 2:] >= words.index("p0")).sum() == labels.ne(-100).sum()  # positions appear only as answers
 
 
+def test_hidden_answers_are_labels_only_and_need_every_move_since_the_start():
+    """task_show_answers false: "?" is followed by the next move, its label is the position reached from the start."""
+    words = vocabulary("random_walk", 5)
+    ids, labels, units = random_walk_blocks(50, 41, 5, 3, torch.Generator().manual_seed(0), show_answers=False)
+    steps = {"L": -1, "R": 1, "S": 0}
+    for b in range(50):
+        tokens = [words[i] for i in ids[b]]
+        assert tokens[0] == "<|endoftext|>" and tokens[1].startswith("p")
+        assert all(token in steps or token == "?" for token in tokens[2:])  # the position is never shown again
+        position, moves, answers = int(tokens[1][1:]), 0, 0
+        for t in range(2, 40):
+            if tokens[t] == "?":
+                assert moves == 3 and labels[b, t] == -100
+                assert labels[b, t + 1] == words.index(f"p{position}") and units[b, t + 1] == answers
+                moves, answers = 0, answers + 1
+                continue
+            position, moves = (position + steps[tokens[t]]) % 5, moves + 1
+            if tokens[t - 1] != "?":
+                assert labels[b, t] == -100 and units[b, t] == -1
+        assert answers == int(units[b].max()) + 1 == (41 - 2) // 4  # every 4 tokens: 3 moves, "?"
+    shown = random_walk_blocks(50, 41, 5, 3, torch.Generator().manual_seed(0))[0]
+    assert not torch.equal(shown, ids)
+
+
 def test_reverse_examples_end_with_their_digits_reversed():
     words = vocabulary("reverse", 10)
     ids, labels, units = reverse_blocks(20, 30, 10, 4, torch.Generator().manual_seed(0))
