@@ -69,17 +69,23 @@ def hf_state_dict(checkpoint_dir: Path, model) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    from transformers import AutoTokenizer
-
+def load_checkpoint_model(checkpoint_dir: Path):
+    """The HashMoEForCausalLM saved in a hashmoe checkpoint folder (RUN_DIR/checkpoints/step_N), on the CPU."""
     from models import HashMoEConfig, HashMoEForCausalLM
 
-    checkpoint_dir = resolve_checkpoint(checkpoint)
     state = ckpt.read_state(checkpoint_dir)
     config = HashMoEConfig(**{k: v for k, v in state["model_config"].items()
                               if k not in ("architectures", "auto_map", "model_type", "transformers_version")})
     model = HashMoEForCausalLM(config)
     model.load_state_dict(hf_state_dict(checkpoint_dir, model), strict=True)
+    return model
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    from transformers import AutoTokenizer
+
+    checkpoint_dir = resolve_checkpoint(checkpoint)
+    model = load_checkpoint_model(checkpoint_dir)
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -513,9 +513,8 @@ class TrainLoop:
         # divided below like the mean's.
         packed = torch.cat([self.sums, self.grad_norms, self.load.flatten(), self.load_chosen.flatten()])
         dist.all_reduce(packed)
-        packed = packed.cpu()
-        sums, grad_norms = packed[:5], packed[5:8]
-        load, load_chosen = packed[8:].view(2, *self.load.shape)
+        sums, grad_norms, loads = packed.cpu().split([len(self.sums), len(self.grad_norms), 2 * self.load.numel()])
+        load, load_chosen = loads.view(2, *self.load.shape)
         lm_loss = (sums[0] / sums[4]).item()
         row = {"train/loss": lm_loss, "train/ppl": math.exp(min(lm_loss, 50.0)),
                "train/updates_per_sec": steps / seconds if seconds > 0 else float("nan"),

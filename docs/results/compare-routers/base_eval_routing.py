@@ -14,24 +14,12 @@ import sys
 
 import torch
 
-from models import HashMoEConfig, HashMoEForCausalLM
 from models.routing import BaseRouter, balanced_assignment
-from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.data import prepare_data
-from trainer.export import hf_state_dict, resolve_checkpoint
+from trainer.export import load_checkpoint_model, resolve_checkpoint
 
 BATCH = 16
-
-
-def load_model(run_dir: str) -> HashMoEForCausalLM:
-    checkpoint_dir = resolve_checkpoint(run_dir)
-    state = ckpt.read_state(checkpoint_dir)
-    config = HashMoEConfig(**{k: v for k, v in state["model_config"].items()
-                              if k not in ("architectures", "auto_map", "model_type", "transformers_version")})
-    model = HashMoEForCausalLM(config)
-    model.load_state_dict(hf_state_dict(checkpoint_dir, model), strict=True)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -72,7 +60,7 @@ def main(run_dirs: list[str]) -> None:
     for run_dir in run_dirs:
         config = load_config(f"{run_dir}/config.yaml")
         blocks = prepare_data(config.data, config.run.seed).valid_blocks[:config.logging.eval_blocks or None]
-        model = load_model(run_dir)
+        model = load_checkpoint_model(resolve_checkpoint(run_dir)).eval()
         routers = [m for m in model.modules() if isinstance(m, BaseRouter)]
         greedy, balanced = (valid_loss(model, blocks, routers, b) for b in (False, True))
         layers = greedy_vs_balanced(model, blocks, routers)
