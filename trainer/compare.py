@@ -63,6 +63,7 @@ class RunSummary:
     train_time: list = field(default_factory=list)  # (step, cumulative optimizer seconds) per training row
     valid: list = field(default_factory=list)  # (step, valid ppl) per eval row
     exact_match: list = field(default_factory=list)  # (step, valid exact-match error) per eval row (tasks)
+    far_error: list = field(default_factory=list)  # (step, error on answers shown >= data.task_far tokens back)
     expert_load: list = field(default_factory=list)  # final token count per expert, one list per MoE layer
     notes: list = field(default_factory=list)
     label: str = ""
@@ -176,6 +177,7 @@ def collect_run(path, defaults: dict | None = None) -> RunSummary:
         run.notes.append("no time/elapsed_s in its metrics (trained by an older hashmoe): wall time unknown")
     run.valid = [(r["step"], r["valid/ppl"]) for r in rows if "valid/ppl" in r]
     run.exact_match = [(r["step"], r["valid/exact_match_error"]) for r in rows if "valid/exact_match_error" in r]
+    run.far_error = [(r["step"], r["valid/far_error"]) for r in rows if "valid/far_error" in r]
     if not run.valid:
         run.notes.append("no evaluation rows: valid ppl unknown")
     if run.is_moe:
@@ -300,6 +302,9 @@ def extra_columns(runs: list[RunSummary]) -> list[tuple[str, object]]:
                                                                  ".3f")))
         columns.append(("best exact-match error", lambda r: fmt(min((e for _, e in r.exact_match), default=None),
                                                                 ".3f")))
+    if any(r.far_error for r in runs):
+        columns.append(("final far error (answers shown >= data.task_far tokens back)",
+                        lambda r: fmt(r.far_error[-1][1] if r.far_error else None, ".3f")))
     return columns
 
 

@@ -222,7 +222,13 @@ def _coerce(hint, value, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _coerce(next(a for a in args if a is not type(None)), value, key)
+        members = [a for a in args if a is not type(None)]
+        for member in members[:-1]:  # the first member the value fits, e.g. `int | list[int]`
+            try:
+                return _coerce(member, value, key)
+            except UserError:
+                pass
+        return _coerce(members[-1], value, key)
     if origin is list:
         if not isinstance(value, list):
             raise UserError(key, f"expected a list, got {value!r}", "Write it as [a, b, ...].")

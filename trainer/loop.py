@@ -30,7 +30,7 @@ from trainer.data import BatchSchedule, PreparedData, prepare_data, valid_shard
 from trainer.distributed import ProcessEnv, collective_device, init_distributed, resolve_env
 from trainer.errors import UserError
 from trainer.metrics import MetricsWriter, StepTimer, load_cv, peak_flops, peak_memory_mib, read_metrics
-from trainer.tasks import answer_errors
+from trainer.tasks import answer_errors, far_errors
 
 NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
 
@@ -565,18 +565,23 @@ class TrainLoop:
         real = torch.zeros(longest, dtype=torch.bool)
         real[: len(shard)] = True
         task = self.data.valid_labels is not None
+        far = self.config.data.task_far
         if task:
             labels = valid_shard(self.data.valid_labels[:count], self.env.rank, self.env.world_size)
             units = valid_shard(self.data.valid_units[:count], self.env.rank, self.env.world_size)
+            if far:
+                lookback = valid_shard(self.data.valid_lookback[:count], self.env.rank, self.env.world_size)
         if len(shard) < longest:
             pad = longest - len(shard)
             shard = torch.cat([shard, self.data.valid_blocks[:1].expand(pad, -1)])
             if task:
                 labels = torch.cat([labels, labels.new_full((pad, labels.shape[1]), -100)])
                 units = torch.cat([units, units.new_full((pad, units.shape[1]), -1)])
+                if far:
+                    lookback = torch.cat([lookback, lookback.new_full((pad, lookback.shape[1]), -1)])
         if not task:
             labels = units = shard
-        totals = torch.zeros(6, dtype=torch.float64)  # loss sum, scored tokens, then task answer counts
+        totals = torch.zeros(8, dtype=torch.float64)  # loss sum, scored tokens, task answer counts, far answers
         for start in range(0, longest, optim.micro_batch_size):
             part = slice(start, start + optim.micro_batch_size)
             ids, mask, target = shard[part], real[part], labels[part]
@@ -586,7 +591,9 @@ class TrainLoop:
             scored = (target[:, 1:] != -100) & mask[:, None]
             totals[:2] += torch.tensor([losses[scored].sum().item(), float(scored.sum())], dtype=torch.float64)
             if task:
-                totals[2:] += answer_errors(logits[mask], target[mask], units[part][mask])
+                totals[2:6] += answer_errors(logits[mask], target[mask], units[part][mask])
+            if task and far:
+                totals[6:] += far_errors(logits[mask], target[mask], lookback[part][mask], far)
         totals = totals.to(engine.device)  # NCCL reduces device tensors only
         dist.all_reduce(totals)
         totals = totals.cpu()
@@ -596,6 +603,8 @@ class TrainLoop:
         if task:  # share of answer tokens / whole answers predicted wrong (greedy)
             row.update({"valid/token_error": (totals[2] / totals[3]).item(),
                         "valid/exact_match_error": (totals[4] / totals[5]).item()})
+        if task and far and totals[7]:  # answers whose position no span of `far` tokens shows
+            row["valid/far_error"] = (totals[6] / totals[7]).item()
         self.metrics.log(step, row)
         self.metrics.flush()
         return valid_loss

@@ -49,17 +49,29 @@ def seed_table(groups: list[SeedGroup]) -> list[str]:
     """The report's "Across seeds" section (markdown lines); empty without groups."""
     if not groups:
         return []
+    # tasks: the final answer errors too (far: answers whose position was shown >= data.task_far tokens back)
+    extra = [(name, attr) for name, attr in (("final exact-match error", "exact_match"),
+                                             ("final far error", "far_error"))
+             if any(getattr(r, attr, None) for g in groups for r in g.runs)]
     lines = ["", "## Across seeds", "",
              "Runs equal in every config key but `run.seed`: mean ± sample std (number of runs).", "",
-             "| group | seeds | final valid ppl | best valid ppl | updates/s | final dropped frac |",
-             "|---|---|---|---|---|---|"]
+             "| group | seeds | final valid ppl | best valid ppl | updates/s | final dropped frac |" +
+             "".join(f" {name} |" for name, _ in extra),
+             "|---|---|---|---|---|---|" + "---|" * len(extra)]
     for group in groups:
         final = [r.valid[-1][1] if r.valid else None for r in group.runs]
         best = [min(p for _, p in r.valid) if r.valid else None for r in group.runs]
         lines.append(f"| {group.label} | {', '.join(str(s) for s in group.seeds)} | {mean_std(final)} | "
                      f"{mean_std(best)} | {mean_std([r.updates_per_sec for r in group.runs])} | "
-                     f"{mean_std([r.final_dropped_frac for r in group.runs], '.3f')} |")
+                     f"{mean_std([r.final_dropped_frac for r in group.runs], '.3f')} |" +
+                     "".join(f" {mean_std([final_of(r, attr) for r in group.runs], '.3f')} |" for _, attr in extra))
     return lines
+
+
+def final_of(run, attr: str):
+    """The last value of a run's (step, value) series `attr`, None if it has none."""
+    series = getattr(run, attr)
+    return series[-1][1] if series else None
 
 
 def ordering_by_step(groups: list[SeedGroup]) -> list[tuple[int, list[str]]]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the runs of each miniature study one after another, then compare each study's runs.
-#   [STUDIES="ladder hash-ladder staircase doping ladder-lr staircase-lr walk256"] bash recipes/studies/run.sh [OUT_ROOT]
+#   [STUDIES="ladder hash-ladder staircase doping ladder-lr staircase-lr walk256 walkhide"] bash recipes/studies/run.sh [OUT_ROOT]
 # OUT_ROOT defaults to docs/results/studies; each study writes OUT_ROOT/<study>/report.md and its plots.
 # SEEDS="1234 1 2" trains each run once per seed (run.seed; folders NAME-sSEED); compare reports mean ± std.
 # Runs that already finished (summary.json present) are skipped, and runs shared by two studies are trained
@@ -18,8 +18,9 @@ declare -A STUDY_RUNS=(
     [ladder-lr]="dense-l2 ladder2-l2 dense-l2-lr1e-3 ladder2-l2-lr1e-3"
     [staircase-lr]="walk-plain walk-staircase walk-staircase-lr1e-3"
     [walk256]="walk256-staircase walk256-plain walk256-chunk32 walk256-dense-l8"
+    [walkhide]="walkhide-staircase walkhide-plain walkhide-chunk32 walkhide-dense-l8"
 )
-for study in ${STUDIES:-ladder hash-ladder staircase doping ladder-lr staircase-lr walk256}; do
+for study in ${STUDIES:-ladder hash-ladder staircase doping ladder-lr staircase-lr walk256 walkhide}; do
     if [ -z "${STUDY_RUNS[$study]:-}" ]; then
         echo "unknown study '$study'; studies: ${!STUDY_RUNS[*]}" >&2
         exit 2

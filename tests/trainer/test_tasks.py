@@ -11,12 +11,12 @@ import torch
 from tests.trainer.harness import base_config, check, run, train_command, write_config
 from trainer.data import DataConfig, prepare_data
 from trainer.errors import UserError
-from trainer.tasks import answer_errors, random_walk_blocks, reverse_blocks, vocabulary
+from trainer.tasks import answer_errors, far_errors, random_walk_blocks, reverse_blocks, vocabulary
 
 
 def test_random_walk_answers_are_the_position_reached_by_replaying_the_moves():
     words = vocabulary("random_walk", 5)
-    ids, labels, units = random_walk_blocks(50, 41, 5, 3, torch.Generator().manual_seed(0))
+    ids, labels, units, _ = random_walk_blocks(50, 41, 5, 3, torch.Generator().manual_seed(0))
     steps = {"L": -1, "R": 1, "S": 0}
     for b in range(50):
         tokens = [words[i] for i in ids[b]]
@@ -40,7 +40,7 @@ def test_random_walk_answers_are_the_position_reached_by_replaying_the_moves():
 def test_hidden_answers_are_labels_only_and_need_every_move_since_the_start():
     """task_show_answers false: "?" is followed by the next move, its label is the position reached from the start."""
     words = vocabulary("random_walk", 5)
-    ids, labels, units = random_walk_blocks(50, 41, 5, 3, torch.Generator().manual_seed(0), show_answers=False)
+    ids, labels, units, _ = random_walk_blocks(50, 41, 5, 3, torch.Generator().manual_seed(0), show_answers=False)
     steps = {"L": -1, "R": 1, "S": 0}
     for b in range(50):
         tokens = [words[i] for i in ids[b]]
@@ -59,6 +59,74 @@ def test_hidden_answers_are_labels_only_and_need_every_move_since_the_start():
         assert answers == int(units[b].max()) + 1 == (41 - 2) // 4  # every 4 tokens: 3 moves, "?"
     shown = random_walk_blocks(50, 41, 5, 3, torch.Generator().manual_seed(0))[0]
     assert not torch.equal(shown, ids)
+
+
+@pytest.mark.parametrize("show_answers", [True, False])
+def test_query_gaps_drawn_from_a_list_and_lookback_counts_tokens_since_the_position_was_shown(show_answers):
+    """task_query_every as a list: each query follows a gap from the list; lookback is how far before its "?"
+    the position was last in the input (the start, or a shown answer)."""
+    words = vocabulary("random_walk", 5)
+    gaps = [1, 2, 30]
+    ids, labels, units, lookback = random_walk_blocks(40, 200, 5, gaps, torch.Generator().manual_seed(0),
+                                                      show_answers)
+    steps = {"L": -1, "R": 1, "S": 0}
+    seen_gaps = set()
+    for b in range(40):
+        tokens = [words[i] for i in ids[b]]
+        position, moves, shown_at, t = int(tokens[1][1:]), 0, 1, 2
+        while t < 200:
+            if tokens[t] == "?":
+                seen_gaps.add(moves)
+                assert labels[b, t + 1] == words.index(f"p{position}") and lookback[b, t + 1] == t - shown_at
+                moves = 0
+                if show_answers:
+                    shown_at, t = t + 1, t + 2
+                    continue
+            else:
+                assert tokens[t] in steps and (lookback[b, t] == -1) == (tokens[t - 1] != "?")
+                position, moves = (position + steps[tokens[t]]) % 5, moves + 1
+            t += 1
+    assert seen_gaps == set(gaps)
+    assert (lookback >= 0).sum() == (labels != -100).sum() == (units >= 0).sum()
+    far_share = ((lookback >= 30) & (labels != -100)).sum() / (labels != -100).sum()
+    assert (0.1 < far_share < 0.5) if show_answers else (far_share > 0.5)
+
+
+def test_hidden_share_blanks_answers_and_lookback_reaches_the_last_shown_one():
+    """task_hide_answers: the shown form with "_" in place of some answers; their labels are still the position,
+    and the next query's lookback goes back to the last answer actually shown."""
+    words = vocabulary("random_walk", 5, blank=True)
+    ids, labels, units, lookback = random_walk_blocks(60, 120, 5, 3, torch.Generator().manual_seed(0),
+                                                      hide_share=0.75)
+    steps = {"L": -1, "R": 1, "S": 0}
+    blanks = 0
+    for b in range(60):
+        tokens = [words[i] for i in ids[b]]
+        position, shown_at = int(tokens[1][1:]), 1
+        for t in range(2, 120):
+            if tokens[t] in steps:
+                position = (position + steps[tokens[t]]) % 5
+            elif tokens[t] in ("_", f"p{position}"):
+                assert tokens[t - 1] == "?" and labels[b, t] == words.index(f"p{position}")
+                assert lookback[b, t] == t - 1 - shown_at and (t - 1 - shown_at) % 5 == 4
+                blanks += tokens[t] == "_"
+                shown_at = t if tokens[t] != "_" else shown_at
+            else:
+                assert tokens[t] == "?", tokens[t]
+    answers = int((labels != -100).sum())
+    assert 0.7 < blanks / answers < 0.8
+    plain = random_walk_blocks(60, 120, 5, 3, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(plain[:, :6], ids[:, :6])  # the same walk up to the first blank draw
+
+
+def test_far_errors_count_only_answers_shown_far_back():
+    labels = torch.full((1, 6), -100)
+    labels[0, 2], labels[0, 4], labels[0, 5] = 1, 2, 3
+    lookback = torch.tensor([[-1, -1, 5, -1, 40, 32]])
+    logits = torch.zeros(1, 6, 4)
+    logits[0, 1, 1] = logits[0, 3, 0] = logits[0, 4, 3] = 1.0  # answers at 2 and 5 right, at 4 wrong
+    assert far_errors(logits, labels, lookback, 32).tolist() == [1.0, 2.0]
+    assert far_errors(logits, labels, lookback, 41).tolist() == [0.0, 0.0]
 
 
 def test_reverse_examples_end_with_their_digits_reversed():
@@ -105,7 +173,11 @@ def test_task_data_is_prepared_with_labels_and_a_word_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [("task_size", 0, "data.task_size"),
-                                               ("seq_len", 5, "data.seq_len"), ("dataset", "walk", "data.dataset")])
+                                               ("seq_len", 5, "data.seq_len"), ("dataset", "walk", "data.dataset"),
+                                               ("task_query_every", [2, 0], "data.task_query_every"),
+                                               ("task_query_every", [], "data.task_query_every"),
+                                               ("task_far", -1, "data.task_far"),
+                                               ("task_hide_answers", 1.0, "data.task_hide_answers")])
 def test_bad_task_settings_name_the_field(tmp_path, field, value, match):
     cfg = DataConfig(dataset="random_walk", seq_len=32, cache_dir=str(tmp_path))
     setattr(cfg, field, value)
@@ -119,11 +191,16 @@ def test_training_on_the_random_walk_logs_exact_match_error(tmp_path):
                          logging__eval_every=3, checkpoint__every=6,
                          model__recurrence={"kind": "staircase", "chunk": 8, "window": 16})
     config["data"] = {"dataset": "random_walk", "seq_len": 32, "task_size": 4, "task_examples": 64,
-                      "task_valid_examples": 16, "cache_dir": str(tmp_path / "cache")}
-    check(run(train_command(write_config(tmp_path / "run.yaml", config), 1)))
+                      "task_valid_examples": 16, "cache_dir": str(tmp_path / "cache"), "task_far": 12}
+    check(run(train_command(write_config(tmp_path / "run.yaml", config), 1,
+                            "--set", "data.task_query_every=1,2,14")))  # the CLI's list form
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "valid/exact_match_error" in r]
     assert [r["step"] for r in evals] == [3, 6]
     for r in evals:
         assert 0.0 <= r["valid/token_error"] <= r["valid/exact_match_error"] <= 1.0
+        assert 0.0 <= r["valid/far_error"] <= 1.0
         assert r["valid/loss"] > 0
+    from trainer.config import load_config
+
+    assert load_config(run_dir / "config.yaml").data.task_query_every == [1, 2, 14]
