@@ -18,7 +18,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import flatten_config
 from trainer.errors import UserError
 from trainer.metrics import read_metrics
-from trainer.seed_groups import group_by_seed, ordering_table, seed_bands, seed_table
+from trainer.seed_groups import final_of, group_by_seed, ordering_table, seed_bands, seed_table
 
 PLOTS = {"valid_ppl_vs_step.png": "valid ppl vs step", "valid_ppl_vs_time.png": "valid ppl vs training time",
          "valid_ppl_vs_flops.png": "valid ppl vs training FLOPs", "updates_per_sec.png": "updates per second",
@@ -298,13 +298,12 @@ def extra_columns(runs: list[RunSummary]) -> list[tuple[str, object]]:
             "-" if not (r.config and r.is_moe and r.model("router") in ("switch", "topk"))
             else "none" if r.model("eval_capacity_factor") is None else str(r.model("eval_capacity_factor")))))
     if any(r.exact_match for r in runs):
-        columns.append(("final exact-match error", lambda r: fmt(r.exact_match[-1][1] if r.exact_match else None,
-                                                                 ".3f")))
+        columns.append(("final exact-match error", lambda r: fmt(final_of(r, "exact_match"), ".3f")))
         columns.append(("best exact-match error", lambda r: fmt(min((e for _, e in r.exact_match), default=None),
                                                                 ".3f")))
     if any(r.far_error for r in runs):
         columns.append(("final far error (answers shown >= data.task_far tokens back)",
-                        lambda r: fmt(r.far_error[-1][1] if r.far_error else None, ".3f")))
+                        lambda r: fmt(final_of(r, "far_error"), ".3f")))
     return columns
 
 
@@ -442,7 +441,7 @@ def final_vs_params(runs: list[RunSummary], out_dir: Path, plt, save) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     for ax, (xlabel, x_of) in zip(axes, axes_of):
         for run in runs:
-            y = (run.exact_match[-1][1] if run.exact_match else None) if task else run.valid[-1][1]
+            y = final_of(run, "exact_match") if task else run.valid[-1][1]
             if x_of(run) and y is not None:
                 ax.scatter([x_of(run)], [y], s=40)
                 ax.annotate(run.label, (x_of(run), y), fontsize=7, xytext=(4, 4), textcoords="offset points")

@@ -59,7 +59,7 @@ def seed_table(groups: list[SeedGroup]) -> list[str]:
              "".join(f" {name} |" for name, _ in extra),
              "|---|---|---|---|---|---|" + "---|" * len(extra)]
     for group in groups:
-        final = [r.valid[-1][1] if r.valid else None for r in group.runs]
+        final = [final_of(r, "valid") for r in group.runs]
         best = [min(p for _, p in r.valid) if r.valid else None for r in group.runs]
         lines.append(f"| {group.label} | {', '.join(str(s) for s in group.seeds)} | {mean_std(final)} | "
                      f"{mean_std(best)} | {mean_std([r.updates_per_sec for r in group.runs])} | "
