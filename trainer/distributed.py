@@ -96,6 +96,22 @@ def resolve_env(environ=os.environ) -> ProcessEnv:
                       rendezvous=f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}")
 
 
+def cpu_threads(env: ProcessEnv, environ=os.environ) -> int:
+    """Threads for this rank's CPU ops: OMP_NUM_THREADS where the user or the launcher (torchrun) set it, else
+    the cores Slurm gave the task, else this host's cores shared between its local ranks, so that ranks, or
+    runs side by side with OMP_NUM_THREADS=1, do not oversubscribe the cores (two 2-thread runs on 2 cores
+    stalled each other 50x)."""
+    requested = environ.get("OMP_NUM_THREADS", "").strip()
+    if requested:
+        if not requested.isdigit() or int(requested) < 1:
+            from trainer.errors import UserError
+
+            raise UserError("OMP_NUM_THREADS", f"must be a positive number of threads, got {requested!r}",
+                            "Set OMP_NUM_THREADS=1 (or more), or unset it to share the cores between the ranks.")
+        return int(requested)
+    return env.cpus_per_task or max(1, (os.cpu_count() or 1) // max(1, env.local_world_size))
+
+
 def init_distributed(env: ProcessEnv) -> str:
     """Start the process group through DeepSpeed; gloo on CPU, NCCL on GPU. Returns the backend."""
     import deepspeed
@@ -105,8 +121,7 @@ def init_distributed(env: ProcessEnv) -> str:
     if not use_cuda:
         # DeepSpeed would JIT-compile its shared-memory CPU collective (~1-2 min) at every start.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        # Share the cores between the local ranks instead of oversubscribing them (Slurm says how many).
-        torch.set_num_threads(env.cpus_per_task or max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
+        torch.set_num_threads(cpu_threads(env))
     else:
         torch.cuda.set_device(env.local_rank)
     backend = "nccl" if use_cuda else "gloo"

@@ -10,7 +10,7 @@ import pytest
 
 from trainer.cli import main
 from trainer.config import load_config
-from trainer.distributed import resolve_env
+from trainer.distributed import cpu_threads, resolve_env
 from trainer.errors import UserError
 from trainer.slurm import SlurmRequest, check_request, render, time_limit_seconds
 from trainer.slurm_env import master_port, rendezvous
@@ -170,6 +170,18 @@ def test_srun_ranks_get_rank_world_size_and_rendezvous_from_slurm(tmp_path, monk
                "MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "1234"}
     resolve_env(environ)
     assert (environ["MASTER_ADDR"], environ["MASTER_PORT"]) == ("10.9.9.9", "1234")
+
+
+def test_cpu_threads_follow_omp_num_threads_then_slurm_then_the_cores_per_local_rank():
+    slurm_task = resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1",
+                              "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "3",
+                              "MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "1234"})
+    assert cpu_threads(slurm_task, {}) == 3
+    assert cpu_threads(slurm_task, {"OMP_NUM_THREADS": "1"}) == 1  # two runs side by side, one thread each
+    local_ranks = resolve_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+    assert cpu_threads(local_ranks, {}) == max(1, (os.cpu_count() or 1) // 2)
+    with pytest.raises(UserError, match="OMP_NUM_THREADS.*positive"):
+        cpu_threads(local_ranks, {"OMP_NUM_THREADS": "0"})
 
 
 def test_requeue_failure_is_a_warning_not_a_crash(capsys):
