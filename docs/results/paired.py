@@ -14,7 +14,7 @@ def valid(run_dir: Path) -> dict:
 
 def main(baseline: str, runs_dir: str, *configs: str) -> None:
     runs = Path(runs_dir)
-    seeds = sorted(p.name.rsplit("-s", 1)[1] for p in runs.glob(f"{baseline}-s*"))
+    seeds = sorted(p.name.rsplit("-s", 1)[1] for p in runs.glob(f"{baseline}-s*") if p.is_dir())
     base = {s: valid(runs / f"{baseline}-s{s}") for s in seeds}
     print(f"| config | final ppl per seed ({', '.join(seeds)}) | vs {baseline}, paired, mean ± std (n) | "
           f"seeds better than {baseline} |")
