@@ -10,7 +10,7 @@
 # checkpoint without it cannot be resumed with blanks (its embeddings would not fit).
 # Runs go to runs/studies/walkhide-MODEL-sSEED; a phase whose step the run has reached is skipped, so the script
 # can be re-run after an interruption. QUEUES runs train side by side, one CPU thread each (on the 2-core
-# machine one thread per run was as fast as two: 19.5 vs 16.4 updates/s for the staircase).
+# machine two staircase runs at once made 12.8 + 13.0 updates/s, one alone with 2 threads 16-19).
 # OUT (default docs/results/studies/walkhide) gets compare's report.md and plots and lookback.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,24 +29,21 @@ reached() {  # the step a run folder's last finished training call reached (0 if
 }
 
 train_phases() {  # train_phases MODEL SEED
-    local model=$1 seed=$2 name run_dir phase hide steps first=1 start
+    local model=$1 seed=$2 name run_dir phase hide steps start
+    local -a phases=($PHASES) later
     name=walkhide-$model-s$seed
     run_dir=runs/studies/$name
-    for phase in $PHASES; do
+    for phase in "${phases[@]}"; do
         hide=${phase%%:*} steps=${phase##*:}
-        if [ "$(reached "$run_dir")" -ge "$steps" ]; then
-            first=0
-            continue
-        fi
+        [ "$(reached "$run_dir")" -lt "$steps" ] || continue
         echo "== $name: blanks $hide to step $steps"
         start=$(date +%s)
-        local -a later=()
-        [ $first = 1 ] || later=(--set optim.schedule=constant)
+        later=()
+        [ "$phase" = "${phases[0]}" ] || later=(--set optim.schedule=constant)
         OMP_NUM_THREADS=1 "$HASHMOE" train "recipes/studies/walkhide-$model.yaml" --output "$run_dir" \
             --set run.name="$name" --set run.seed="$seed" --set data.task_hide_answers="$hide" \
             --set optim.max_steps="$steps" --allow-config-change "${later[@]}" >> "$run_dir.log" 2>&1 \
             || { echo "$name failed; its log: $run_dir.log" >&2; tail -5 "$run_dir.log" >&2; return 1; }
-        first=0
         echo "== $name: blanks $hide to step $steps done in $(( $(date +%s) - start )) s"
     done
 }
