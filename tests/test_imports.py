@@ -35,7 +35,7 @@ def imports_of(path: Path) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
-    return {module_name(p): imports_of(p) for package in PACKAGES for p in (ROOT / package).glob("*.py")}
+    return {module_name(p): imports_of(p) for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
 
 
 def test_the_import_graph_has_no_circles():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ baselines on DeepSpeed with expert parallelism, and compares them. One YAML file
 
 examples:
   hashmoe train recipes/tiny.yaml                         one process (CPU or one GPU)
+  hashmoe prepare recipes/tiny.yaml                       tokenize the data once, before training
   hashmoe train recipes/tiny.yaml --set optim.lr=3e-4     override any config key
   hashmoe launch recipes/tiny-ep2.yaml --nproc 2          2 local processes, experts sharded over them
   torchrun --nproc_per_node 2 -m trainer.cli train RUN.yaml   (also: deepspeed, mpirun, srun)
@@ -45,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="require a checkpoint to resume from (otherwise resuming is automatic)")
     add_change_argument(train)
+
+    prepare = commands.add_parser(
+        "prepare", help="prepare a run's data store once, before training (tokenize in worker processes)",
+        description="Prepare exactly the data store that `hashmoe train` of the same config reads: the sources are "
+        "read as a stream, the tokenizer is trained on a sample (data.tokenizer_sample_mb), worker processes "
+        "tokenize (data.num_proc, default one per core) and the token store is written under data.cache_dir, "
+        "renamed into place when complete. Every seed, seq_len and world size of a study shares one store. On an "
+        "existing store it verifies the checksums. `hashmoe train` on one process prepares a missing store itself; "
+        "on a cluster run this first (`hashmoe slurm` submits it as a CPU job of its own).")
+    prepare.add_argument("config", metavar="RUN.yaml", help="run config (its data section decides the store)")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set data.num_proc=8 (repeatable)")
 
     launch = commands.add_parser("launch", help="start N local ranks of `train` on this machine",
                                  description="Start N local ranks of `hashmoe train` on this machine (loopback "
@@ -178,6 +192,43 @@ def run_train(args) -> int:
     return 0
 
 
+def run_prepare(args) -> int:
+    import time
+
+    from trainer.config import load_config
+    from trainer.data.prepare import prepare_data, store_paths
+    from trainer.data.store import BUILD_INFO, Store
+
+    config = load_config(args.config, args.overrides, None)
+    existed = store_paths(config.data, config.run.seed).complete()
+    started = time.perf_counter()
+    data = prepare_data(config.data, config.run.seed, progress=True)
+    store = Store(data.store_dir)
+    manifest = store.manifest
+    if existed:
+        damaged = store.verify()
+        if damaged:
+            raise UserError("data.cache_dir", f"the store {store.folder} is damaged ({', '.join(damaged)} differ "
+                            "from their checksums)", f"Delete {store.folder} and run `hashmoe prepare` again")
+        how = "already prepared, checksums verified"
+    else:
+        build = json.loads((store.folder / BUILD_INFO).read_text())
+        seconds = time.perf_counter() - started
+        rate = f", {manifest['text_bytes'] / 2**20 / seconds:.1f} MB of text/s" if "text_bytes" in manifest else ""
+        how = f"prepared in {seconds:.1f} s with {build['workers']} worker(s){rate}"
+    arrays = manifest["arrays"]
+    width = {"uint16": 2, "uint32": 4}[arrays["train"]["dtype"]]
+    print(f"hashmoe: data store {how}\n  store:      {store.folder}")
+    if "documents" in manifest:
+        print(f"  documents:  {manifest['documents']['train']:,} train, {manifest['documents']['valid']:,} valid "
+              f"(from {manifest['text_bytes'] / 2**20:,.1f} MB of text)")
+    tokens = {split: arrays[split]["length"] for split in ("train", "valid")}
+    print(f"  tokens:     {tokens['train']:,} train, {tokens['valid']:,} valid ({arrays['train']['dtype']}: "
+          f"{width} bytes per token); {len(data.train_blocks):,} training blocks of {config.data.seq_len}")
+    print(f"  tokenizer:  {store.tokenizer_dir} (vocabulary {manifest['vocab_size']:,})", flush=True)
+    return 0
+
+
 def run_launch(args) -> int:
     from trainer.config import check_world_size, load_config
     from trainer.launch import launch_local
@@ -270,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     handlers = {"train": run_train, "launch": run_launch, "slurm": run_slurm, "export": run_export, "push": run_push,
-                "compare": run_compare, "bench": run_bench}
+                "compare": run_compare, "bench": run_bench,
+                "prepare": run_prepare}
     # For this command only (main() also runs in-process, in tests and tools); launched ranks inherit them.
     saved_environ = {key: os.environ.get(key) for key in ("HASHMOE_DEBUG", "DS_ACCELERATOR")}
     if args.debug:

@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from trainer.data import DataConfig
-from trainer.data import _validate as _validate_data
+from trainer.data.config import DataConfig
+from trainer.data.config import validate as _validate_data
 from trainer.errors import UserError
 from trainer.fileio import write_text_atomic
 
@@ -337,10 +337,10 @@ def save_resolved(config: RunConfig, run_dir: Path) -> None:
 # ---- reruns into an existing run folder ----------------------------------------------------------------
 CHANGES_FILE = "config_changes.jsonl"  # RUN_DIR/: one row per key changed on a resume (--allow-config-change)
 # Keys that may differ between a run and its resume without changing what is trained: where files live, the
-# progress bar, the expert-parallel layout (resuming at another ep_size continues the same run) and how the
-# experts' matmuls run (the same function either way).
-UNRECORDED_KEYS = {"run.output_dir", "data.cache_dir", "logging.progress", "parallel.ep_size",
-                   "model.experts_implementation"}
+# progress bar, how data is prepared (the store's bytes do not depend on it), the expert-parallel layout
+# (resuming at another ep_size continues the same run) and how the experts' matmuls run (the same function).
+UNRECORDED_KEYS = {"run.output_dir", "data.cache_dir", "data.num_proc", "data.prepare_timeout_s",
+                   "logging.progress", "parallel.ep_size", "model.experts_implementation"}
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict:

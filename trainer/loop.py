@@ -26,11 +26,12 @@ from trainer.config import (
     resolve_ds_config_path,
     save_resolved,
 )
-from trainer.data import BatchSchedule, PreparedData, prepare_data, valid_shard
+from trainer.data.prepare import PreparedData, prepare_data, store_paths
+from trainer.data.schedule import BatchSchedule, valid_shard
+from trainer.data.tasks import answer_errors, far_errors
 from trainer.distributed import ProcessEnv, collective_device, init_distributed, resolve_env
 from trainer.errors import UserError
 from trainer.metrics import MetricsWriter, StepTimer, load_cv, peak_flops, peak_memory_mib, read_metrics
-from trainer.tasks import answer_errors, far_errors
 
 NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
 
@@ -131,14 +132,31 @@ def on_rank0(env: ProcessEnv, work):
 
 
 def prepare_on_rank0(config: RunConfig, env: ProcessEnv) -> PreparedData:
-    """Rank 0 builds the cache, the others then load it."""
-    built = {}
-
-    def build():
-        built["data"] = prepare_data(config.data, config.run.seed, config.run_dir, is_main=True)
-
-    on_rank0(env, build)
-    return built["data"] if env.is_main else prepare_data(config.data, config.run.seed, None, is_main=False)
+    """Rank 0 opens the data store, or builds it while the other ranks wait on the file system, reading its
+    heartbeat, not at a collective whose timeout would end the job during a long preparation. Then every rank
+    says whether it has the data: one error (rank 0's own first, else the first rank's that failed, such as a
+    store rank 0 found but another rank cannot see) is printed once and every rank exits with it."""
+    paths = store_paths(config.data, config.run.seed)
+    failure_before = paths.failure()  # read before rank 0 may start a build that replaces it
+    present = on_rank0(env, paths.complete)
+    data, error = None, None
+    try:
+        if env.is_main:
+            data = prepare_data(config.data, config.run.seed, config.run_dir, progress=config.logging.progress)
+        else:
+            data = prepare_data(config.data, config.run.seed, None, is_main=False, wait=not present,
+                                failure_before=failure_before)
+    except UserError as err:
+        error = (err.key, err.problem, err.fix)
+        if env.is_main and not present:
+            paths.record_failure(f"{err.key}: {err.problem}")  # the waiting ranks stop waiting
+    errors = [None] * env.world_size
+    dist.all_gather_object(errors, error)
+    failed = [(rank, found) for rank, found in enumerate(errors) if found is not None]
+    if failed:
+        rank, (key, problem, fix) = failed[0]
+        raise UserError(key, problem + (f" (on rank {rank})" if rank else ""), fix, all_ranks=True)
+    return data
 
 
 class StopRequest:
@@ -218,6 +236,15 @@ def plan_run(config: RunConfig, resume: bool = False, allow_config_change: bool 
                         f"it starts at are recorded in {run_dir / CHANGES_FILE} and the model card)")
     state = ckpt.read_state(previous)
     check_resumable(config, previous, state.get("model_config", {}))
+    trained_on, store_now = state.get("data_fingerprint"), store_paths(config.data, config.run.seed).target.name
+    if trained_on is not None and trained_on != store_now:
+        if not allow_config_change:
+            raise UserError("data", f"the checkpoint {previous} was trained on the data store {trained_on}, this "
+                            f"config's data is the store {store_now} (other sources, tokenizer or split, or a run "
+                            "from before the token store)", "Train into a new folder with --output DIR, or continue "
+                            "on this data with --allow-config-change (recorded in "
+                            f"{run_dir / CHANGES_FILE} and the model card)")
+        changes = [*changes, ("data.store", trained_on, store_now)]
     plan = RunPlan(previous, state, warnings, changes)
     if plan.start_step >= config.optim.max_steps:
         plan.finished = finished_summary(config, plan.start_step)
@@ -560,17 +587,17 @@ class TrainLoop:
         engine, optim = self.engine, self.config.optim
         engine.eval()
         count = self.config.logging.eval_blocks or len(self.data.valid_blocks)
-        shard = valid_shard(self.data.valid_blocks[:count], self.env.rank, self.env.world_size)
+        shard = valid_shard(self.data.valid_blocks, self.env.rank, self.env.world_size, count)
         longest = math.ceil(min(count, len(self.data.valid_blocks)) / self.env.world_size)
         real = torch.zeros(longest, dtype=torch.bool)
         real[: len(shard)] = True
         task = self.data.valid_labels is not None
         far = self.config.data.task_far
         if task:
-            labels = valid_shard(self.data.valid_labels[:count], self.env.rank, self.env.world_size)
-            units = valid_shard(self.data.valid_units[:count], self.env.rank, self.env.world_size)
+            labels = valid_shard(self.data.valid_labels, self.env.rank, self.env.world_size, count)
+            units = valid_shard(self.data.valid_units, self.env.rank, self.env.world_size, count)
             if far:
-                lookback = valid_shard(self.data.valid_lookback[:count], self.env.rank, self.env.world_size)
+                lookback = valid_shard(self.data.valid_lookback, self.env.rank, self.env.world_size, count)
         if len(shard) < longest:
             pad = longest - len(shard)
             shard = torch.cat([shard, self.data.valid_blocks[:1].expand(pad, -1)])

@@ -13,7 +13,6 @@ import torch
 
 from trainer.fileio import write_text_atomic
 
-
 # Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity), matched on the device name; MFU is logged
 # only where the peak is known.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}

@@ -30,13 +30,17 @@ import io
 import re
 
 import torch
-import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import _AllToAll
 from torch import nn
 
 from models.experts import ExpertBank, dispatch
-from models.modeling_hashmoe import HashMoEForCausalLM, HashMoESparseMLP, experts_implementation, moe_layer_stats
+from models.modeling_hashmoe import (
+    HashMoEForCausalLM,
+    HashMoESparseMLP,
+    experts_implementation,
+    moe_layer_stats,
+)
 from models.routing import BaseRouter, RoutingInputs
 from trainer.errors import debug_enabled
 from trainer.expert_exchange import AllToAllExchange, CommTimer

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+
 def supported(engine) -> bool:
     return isinstance(engine.optimizer, torch.optim.Optimizer) and engine.zero_optimization_stage() == 0
 

@@ -4,6 +4,7 @@ record byte for byte as it was. The checkpoint cases damage a copy of one traine
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -185,6 +186,13 @@ CASES = [
      "data.train_files", "unsupported file type"),
     ("jsonl-without-text-field", lambda c: Case(train(c.files_config(
         c.text("docs.jsonl", b'{"body": "the king"}\n{"body": "the queen"}\n')))), "data.text_field", "body"),
+    ("truncated-gz-shard", lambda c: Case(train(c.files_config(c.corpus, c.text(
+        "cut.jsonl.gz", gzip.compress(b'{"text": "the king"}\n' * 500)[:60])))), "data.train_files", "cut.jsonl.gz"),
+    ("jsonl-line-not-json", lambda c: Case(train(c.files_config(c.corpus, c.text(
+        "docs.jsonl", b'{"text": "the king"}\n{"text": \n')))), "data.train_files", "docs.jsonl, line 2"),
+    ("prepare-latin-1-text", lambda c: Case(["prepare", str(c.files_config(
+        c.text("a.txt", "caf\u00e9 ".encode("latin-1") * 400), c.text("b.txt", b"the king")))]),
+     "data.train_files", "iconv"),
     # ---- tokenizer
     ("tokenizer-missing", lambda c: Case(train(c.config(), "--set", f"data.tokenizer={c.tmp / 'no-tokenizer'}")),
      "data.tokenizer", "no-tokenizer"),

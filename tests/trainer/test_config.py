@@ -286,7 +286,7 @@ def test_invalid_yaml_file(tmp_path):
     (["logging.eval_every=0"], "logging.eval_every", "Use a positive integer"),
     (["checkpoint.keep=0"], "checkpoint.keep", "Keep at least 1 checkpoint"),
     (["data.dataset=wikipedia"], "data.dataset", "Use `shakespeare`"),
-    (["data.dataset=files"], "data.train_files", "List local .txt, .jsonl or .parquet files"),
+    (["data.dataset=files"], "data.train_files", "List local files, globs or save_to_disk folders"),
     (["data.valid_fraction=1.5"], "data.valid_fraction", "hold out 5% of the documents"),
     (["data.vocab_size=100"], "data.vocab_size", "Use e.g. 4096"),
 ])

@@ -109,10 +109,10 @@ def test_export_gathers_every_expert_and_reproduces_the_training_models_valid_lo
     assert model.parameter_counts()["total"] > 0
     assert model.model.layers[1].mlp.experts.w1.shape[0] == 4  # every global expert in one bank
 
-    data = prepare_data(load_config(path).data, 7, None, is_main=False)
+    valid_blocks = prepare_data(load_config(path).data, 7, None, is_main=False).valid_blocks[:]
     with torch.no_grad():
-        logits = model(data.valid_blocks, use_cache=False).logits
-        hf_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), data.valid_blocks[:, 1:].flatten())
+        logits = model(valid_blocks, use_cache=False).logits
+        hf_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), valid_blocks[:, 1:].flatten())
     trained = [r["valid/loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                if "valid/loss" in r and r["step"] == 6]
     assert hf_loss.item() == pytest.approx(trained[0], abs=1e-5)

@@ -22,6 +22,7 @@ from tests.trainer.harness import (
     train_rows,
     wait_for_step,
     write_config,
+    write_corpus,
 )
 from trainer.checkpoint import MANIFEST_FILE, latest_checkpoint, step_folders
 from trainer.metrics import read_metrics
@@ -173,6 +174,26 @@ def test_a_finished_run_rerun_changes_nothing_and_changed_values_are_refused(cor
     assert "- from step 4: `optim.lr` 0.003 -> 0.01" in card
     assert 'AutoTokenizer.from_pretrained("alice/tiny", trust_remote_code=True)' in card
     assert oct((tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+def test_a_resume_on_another_data_store_is_refused_unless_allowed(tmp_path):
+    cache = tmp_path / "cache"
+    corpus_file = write_corpus(tmp_path, seed=0)
+    run_dir = tmp_path / "run"
+    path = write_config(tmp_path / "run.yaml", base_config(run_dir, corpus_file, cache, optim__max_steps=4))
+    check(run(train_command(path, 1)))
+    trained_on = json.loads((latest_checkpoint(run_dir) / "hashmoe_state.json").read_text())["data_fingerprint"]
+    assert (cache / trained_on / "manifest.json").is_file()
+    write_corpus(tmp_path, seed=1)  # the same file, other text: another store
+    before = snapshot(run_dir)
+    refused = run(train_command(path, 1))
+    assert refused.returncode == 2 and f"trained on the data store {trained_on}" in refused.stderr
+    assert "--allow-config-change" in refused.stderr and snapshot(run_dir) == before
+    check(run(train_command(path, 1, "--set", "optim.max_steps=6", "--allow-config-change")))
+    changes = [json.loads(line) for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
+    assert sorted((c["step"], c["key"], c["old"]) for c in changes) == [(4, "data.store", trained_on),
+                                                                 (4, "optim.max_steps", 4)]
+
 
 
 def current_umask() -> int:

@@ -151,7 +151,7 @@ def check_task(cfg) -> None:
     for key in ("task_size", "task_examples", "task_valid_examples", "task_length"):
         if not positive(getattr(cfg, key)):
             raise bad(key, f"must be a positive integer, got {getattr(cfg, key)!r}",
-                      "See DataConfig in trainer/data.py.")
+                      "See DataConfig in trainer/data/config.py.")
     gaps = query_gaps(cfg.task_query_every)
     if not gaps or not all(positive(g) for g in gaps):
         raise bad("task_query_every", f"must be a positive integer or a list of them, got {cfg.task_query_every!r}",
