@@ -27,7 +27,7 @@ from trainer.config import (
     save_resolved,
 )
 from trainer.data.prepare import PreparedData, prepare_data, store_paths
-from trainer.data.schedule import BatchSchedule, valid_shard
+from trainer.data.schedule import BatchSchedule, MixtureSchedule, valid_shard
 from trainer.data.tasks import answer_errors, far_errors
 from trainer.distributed import ProcessEnv, collective_device, init_distributed, resolve_env
 from trainer.errors import UserError
@@ -403,8 +403,13 @@ class TrainLoop:
         self.counts = counts
         self.model_config_dict = json.loads(model_config.to_json_string())
         optim = config.optim
-        self.schedule = BatchSchedule(len(data.train_blocks), optim.micro_batch_size * optim.grad_accum,
-                                      env.rank, env.world_size, config.run.seed)
+        per_rank = optim.micro_batch_size * optim.grad_accum
+        if data.mixture:
+            self.schedule = MixtureSchedule([len(part) for part in data.train_blocks.parts],
+                                            [weight for _, weight in data.mixture], per_rank, env.rank,
+                                            env.world_size, config.run.seed)
+        else:
+            self.schedule = BatchSchedule(len(data.train_blocks), per_rank, env.rank, env.world_size, config.run.seed)
         self.balances_router_bias = bool(getattr(model_config, "router_bias_update_rate", 0))
         self.tokens_per_step = env.world_size * optim.micro_batch_size * optim.grad_accum * config.data.seq_len
         self.flops_per_token = flops_per_token(model_config, counts, config.data.seq_len)
@@ -448,6 +453,8 @@ class TrainLoop:
         while step < max_steps:
             self.train_step(step)
             step += 1
+            if self.data.mixture:
+                self.announce_new_epochs(step)
             timer.steps += 1
             stop = self.stop.agreed()
             is_last = step == max_steps or stop
@@ -535,6 +542,15 @@ class TrainLoop:
         self.grad_norms += torch.stack([norm, torch.zeros_like(norm), torch.ones_like(norm)])
         self.grad_norms[1] = torch.maximum(self.grad_norms[1], norm)
 
+    def announce_new_epochs(self, step: int) -> None:
+        """A mixture source whose blocks have all been drawn starts a fresh order: say so (rank 0), once."""
+        before, now = self.schedule.epochs(step - 1), self.schedule.epochs(step)
+        if self.env.is_main:
+            for (name, _), old, new in zip(self.data.mixture, before, now):
+                if new > old:
+                    print(f"hashmoe: data source {name} ran out at step {step}: it starts epoch {new + 1} "
+                          "(a fresh order of its blocks)", flush=True)
+
     def window_metrics(self, step: int, seconds: float, steps: int) -> dict:
         # One all-reduce and one read-back for the window's sums; the max grad norm is summed over ranks too and
         # divided below like the mean's.
@@ -549,6 +565,10 @@ class TrainLoop:
                "train/lr": self.engine.get_lr()[0], "moe/aux_loss": (sums[1] / sums[4]).item()}
         row["train/flops_per_sec"] = row["train/tokens_per_sec"] * self.flops_per_token
         row["time/elapsed_s"] = self.elapsed_seconds()
+        if self.data.mixture:  # epochs of each source so far: its share of the blocks drawn, over its size
+            drawn = self.schedule.drawn(step * self.schedule.global_batch_size)
+            for (name, _), count, blocks in zip(self.data.mixture, drawn, self.schedule.source_blocks):
+                row[f"data/epochs/{name}"] = float(count / blocks)
         if grad_norms[2] > 0:
             ranks = self.env.world_size
             row["train/grad_norm"] = (grad_norms[0] / grad_norms[2]).item()

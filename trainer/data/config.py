@@ -8,6 +8,17 @@ from trainer.data.tasks import TASKS, check_task
 from trainer.errors import UserError
 
 MIN_VOCAB_SIZE = 257  # 256 byte symbols + EOS
+WEIGHT_QUANTUM = 10_000  # mixture weights are followed exactly to 1 part in this (trainer/data/schedule.py)
+
+
+@dataclass
+class SourceConfig:
+    """One corpus of a mixture (`data.sources`)."""
+
+    files: list[str] = field(default_factory=list)  # as data.train_files: files, globs, save_to_disk folders
+    weight: float | None = None  # share of the training blocks drawn from it, normalised over the sources
+    name: str = ""  # how the run's metrics and messages call it (default: source0, source1, ...)
+    text_field: str = ""  # default: data.text_field
 
 
 @dataclass
@@ -16,6 +27,9 @@ class DataConfig:
     # Local files, globs or folders: .txt/.md (a document per file), .jsonl/.parquet/.arrow (a document per
     # record), each optionally .gz or .zst; a folder written by `datasets`' save_to_disk.
     train_files: list[str] = field(default_factory=list)
+    # A mixture instead of train_files: a list of sources, each {files: [...], weight: W, name: N}; every training
+    # step draws each source's share of blocks by its normalised weight (deterministic, exact to 1/10,000).
+    sources: list[SourceConfig] = field(default_factory=list)
     text_field: str = "text"  # the record field (jsonl) or column (parquet, arrow) holding the text
     tokenizer: str = "train"  # "train" (byte-level BPE on a sample of the training split) or a local HF tokenizer folder
     vocab_size: int = 4096  # for tokenizer="train"
@@ -50,12 +64,18 @@ def validate(cfg: DataConfig) -> None:
                   f"task: {', '.join(TASKS)}")
     if cfg.dataset in TASKS:
         check_task(cfg)
-    if cfg.dataset == "shakespeare" and cfg.train_files:
-        raise bad("dataset", "data.train_files is set but data.dataset is `shakespeare`",
-                  "Set data.dataset: files to train on your files, or remove data.train_files")
-    if cfg.dataset == "files" and not cfg.train_files:
+    if cfg.dataset != "files" and (cfg.train_files or cfg.sources):
+        which = "train_files" if cfg.train_files else "sources"
+        raise bad("dataset", f"data.{which} is set but data.dataset is `{cfg.dataset}`",
+                  f"Set data.dataset: files to train on your files, or remove data.{which}")
+    if cfg.dataset == "files" and not cfg.train_files and not cfg.sources:
         raise bad("train_files", "data.dataset is `files` but no train_files are given",
-                  "List local files, globs or save_to_disk folders under data.train_files")
+                  "List local files, globs or save_to_disk folders under data.train_files (or a mixture under "
+                  "data.sources)")
+    if cfg.train_files and cfg.sources:
+        raise bad("sources", "both data.train_files and data.sources are set",
+                  "Use data.train_files for one corpus, or data.sources for a mixture (move the files into a source)")
+    validate_sources(cfg.sources)
     if not isinstance(cfg.seq_len, int) or cfg.seq_len < 2:
         raise bad("seq_len", f"seq_len must be an integer >= 2, got {cfg.seq_len!r}",
                   "A block needs at least one input and one target token; 128-1024 is typical")
@@ -74,3 +94,36 @@ def validate(cfg: DataConfig) -> None:
     if not isinstance(cfg.prepare_timeout_s, int) or cfg.prepare_timeout_s < 1:
         raise bad("prepare_timeout_s", f"must be an integer >= 1, got {cfg.prepare_timeout_s!r}",
                   "Use e.g. 300 (seconds without a heartbeat from the preparing process)")
+
+
+def validate_sources(sources: list[SourceConfig]) -> None:
+    weighted = [s.weight is not None for s in sources]
+    for i, source in enumerate(sources):
+        key = f"data.sources[{i}]"
+        if not source.files:
+            raise UserError(f"{key}.files", "a source without files", "List its files, globs or folders")
+        if source.weight is not None and not source.weight > 0:
+            raise UserError(f"{key}.weight", f"must be > 0, got {source.weight!r}",
+                            "Give every source a positive weight (they are normalised), or remove the source")
+    if any(weighted) and not all(weighted):
+        missing = ", ".join(f"data.sources[{i}]" for i, w in enumerate(weighted) if not w)
+        raise UserError("data.sources", f"weights are given for some sources but not for {missing}",
+                        "Give every source a weight, or none (equal weights)")
+    names = source_names(sources)
+    if len(set(names)) != len(names):
+        raise UserError("data.sources", f"two sources share a name ({', '.join(names)})", "Give each a unique name")
+    weights = source_weights(sources)
+    for i, weight in enumerate(weights):
+        if round(weight * WEIGHT_QUANTUM) == 0:
+            raise UserError(f"data.sources[{i}].weight", f"is {weight:.2e} of the total, below the 1/{WEIGHT_QUANTUM:,} "
+                            "the mixture follows", "Raise it, or leave that source out")
+
+
+def source_names(sources: list[SourceConfig]) -> list[str]:
+    return [s.name or f"source{i}" for i, s in enumerate(sources)]
+
+
+def source_weights(sources: list[SourceConfig]) -> list[float]:
+    """Normalised weights (equal when none is given)."""
+    raw = [s.weight if s.weight is not None else 1.0 for s in sources]
+    return [w / sum(raw) for w in raw]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.data.config import DataConfig, validate
+from trainer.data.config import DataConfig, source_names, source_weights, validate
 from trainer.data.sources import (
     CHUNK_BYTES,
     SourceError,
@@ -98,6 +98,31 @@ class Blocks:
         return torch.from_numpy(rows.astype(np.int64))
 
 
+class MixedBlocks:
+    """The blocks of several corpora under one numbering: ids [offset_s, offset_s + len(part_s)) are corpus s's."""
+
+    def __init__(self, parts: list[Blocks]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.seq_len = parts[0].seq_len
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.seq_len
+
+    def __getitem__(self, index) -> torch.Tensor:
+        ids = np.asarray(index, dtype=np.int64).reshape(-1)
+        corpus = np.searchsorted(self.offsets, ids, side="right") - 1
+        rows = torch.empty(len(ids), self.seq_len, dtype=torch.int64)
+        for s in np.unique(corpus):
+            where = np.flatnonzero(corpus == s)
+            rows[torch.from_numpy(where)] = self.parts[s][ids[where] - self.offsets[s]]
+        return rows
+
+
 @dataclass
 class PreparedData:
     train_blocks: Blocks  # [N_train, seq_len] token ids, cut from the memory-mapped training stream
@@ -113,30 +138,52 @@ class PreparedData:
     valid_labels: Blocks | None = None
     valid_units: Blocks | None = None
     valid_lookback: Blocks | None = None  # random_walk: tokens back to where each answer was last shown
+    # A mixture (data.sources): train_blocks is a MixedBlocks; each source's name and normalised weight.
+    mixture: list[tuple[str, float]] | None = None
 
 
 # ---------------------------------------------------------------- which store
 
 
-def _source_files(cfg: DataConfig) -> list[Path]:
+@dataclass
+class Corpus:
+    """One corpus of the store: the whole of `train_files` (or the Shakespeare plays), or one mixture source."""
+
+    name: str
+    files: list[Path]
+    text_field: str
+
+
+def corpora(cfg: DataConfig) -> list[Corpus]:
+    """The store's corpora in order ([] for a task); resolving globs checks every file exists."""
     if cfg.dataset == "shakespeare":
-        return shakespeare_files()
-    return [] if cfg.dataset in TASKS else match_files(cfg.train_files)
+        return [Corpus("shakespeare", shakespeare_files(), cfg.text_field)]
+    if cfg.dataset in TASKS:
+        return []
+    if not cfg.sources:
+        return [Corpus("train_files", match_files(cfg.train_files), cfg.text_field)]
+    return [Corpus(name, match_files(source.files), source.text_field or cfg.text_field)
+            for name, source in zip(source_names(cfg.sources), cfg.sources)]
 
 
-def store_fingerprint(cfg: DataConfig, seed: int, files: list[Path] | None = None) -> str:
+def store_fingerprint(cfg: DataConfig, seed: int) -> str:
     """Hash of what decides the store's bytes: the sources, the tokenizer, the validation split; not seq_len,
-    the seed, the world size or num_proc (tasks: their episodes are generated per seed and seq_len)."""
+    the seed, the world size, num_proc or a mixture's weights and names (tasks: their episodes are generated per
+    seed and seq_len)."""
     import tokenizers  # its BPE trainer and encoder decide the token ids
 
-    files = _source_files(cfg) if files is None else files
     payload = {"format": STORE_FORMAT, "dataset": cfg.dataset, "tokenizers": tokenizers.__version__}
     if cfg.dataset in TASKS:
         payload.update({key: getattr(cfg, key) for key in TASK_KEYS})
         payload.update(task_format=TASK_FORMAT, seq_len=cfg.seq_len, seed=seed)
     else:
-        payload.update(sources=describe_sources(cfg.dataset, files), valid_fraction=cfg.valid_fraction,
-                       text_field=cfg.text_field if cfg.dataset == "files" else None)
+        parts = corpora(cfg)
+        payload.update(valid_fraction=cfg.valid_fraction)
+        if cfg.sources:  # a mixture: one stream per source, in order
+            payload["mixture"] = [[describe_sources(cfg.dataset, c.files), c.text_field] for c in parts]
+        else:  # as before mixtures, so single-corpus stores keep their fingerprints
+            payload.update(sources=describe_sources(cfg.dataset, parts[0].files),
+                           text_field=cfg.text_field if cfg.dataset == "files" else None)
         if cfg.tokenizer == "train":
             payload.update(tokenizer="train", vocab_size=cfg.vocab_size, tokenizer_sample_mb=cfg.tokenizer_sample_mb)
         else:
@@ -247,66 +294,77 @@ def _progress_bar(enabled: bool, total: int | None, desc: str):
                 dynamic_ncols=True, leave=True)
 
 
-def build_text_store(cfg: DataConfig, files: list[Path], staging: Path, progress: dict, show: bool) -> None:
+def _train_tokenizer_on_samples(cfg: DataConfig, parts: list[Corpus], fraction: Fraction):
+    """BPE on the first tokenizer_sample_mb MB of training text, an equal share from each corpus."""
+    share = (cfg.tokenizer_sample_mb << 20) // len(parts)
+    sample = []
+    for part in parts:
+        sample += _tokenizer_sample(read_chunks(cfg.dataset, part.files, part.text_field), fraction, share)
+    if not sample:
+        raise UserError("data.train_files", "found no training document (at least 2 non-empty documents are "
+                        "needed: one is held out for validation)", "Add documents: each .txt or .md file is one "
+                        "document, each .jsonl/.parquet/.arrow record is one")
+    return train_tokenizer(sample, cfg.vocab_size)  # on training documents only: no valid leakage
+
+
+def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progress: dict, show: bool) -> None:
     started = time.perf_counter()
     fraction = Fraction(cfg.valid_fraction).limit_denominator(1 << 20)
     try:
         progress["stage"] = "training the tokenizer"
-        if cfg.tokenizer == "train":
-            sample = _tokenizer_sample(read_chunks(cfg.dataset, files, cfg.text_field), fraction,
-                                       cfg.tokenizer_sample_mb << 20)
-            if not sample:
-                raise UserError("data.train_files", "found no training document (at least 2 non-empty documents "
-                                "are needed: one is held out for validation)", "Add documents: each .txt or .md "
-                                "file is one document, each .jsonl/.parquet/.arrow record is one")
-            tok = train_tokenizer(sample, cfg.vocab_size)  # on training documents only: no valid leakage
-            del sample
-        else:
-            tok = load_tokenizer(cfg.tokenizer)
+        tok = (_train_tokenizer_on_samples(cfg, parts, fraction) if cfg.tokenizer == "train"
+               else load_tokenizer(cfg.tokenizer))
         tok.save_pretrained(str(staging / "tokenizer"))
         vocab, eos, dtype = len(tok), tok.eos_token_id, token_dtype(len(tok))
         tokenizer_json = str(staging / "tokenizer" / "tokenizer.json")
         progress["stage"] = "tokenizing"
-        total = source_bytes(files)
+        total = sum(source_bytes(part.files) for part in parts)
         workers = _worker_count(cfg, total)
         splits = {"train": SplitWriter(staging, "train", dtype, eos), "valid": SplitWriter(staging, "valid", dtype, eos)}
         counts = np.zeros(vocab, dtype=np.int64)
-        index, text_bytes = 0, 0
+        ranges, documents, text_bytes = [], [], 0  # per corpus: its training tokens [start, end), its documents
         bar = _progress_bar(show, total, f"prepare ({workers} worker{'s' * (workers > 1)})")
-        chunks = read_chunks(cfg.dataset, files, cfg.text_field)
-        for tokens, lengths, size in _encoded_chunks(chunks, tokenizer_json, dtype, workers):
-            held_out = is_valid_document(np.arange(index, index + len(lengths)), fraction)
-            index += len(lengths)
-            per_token = np.repeat(held_out, lengths)
-            splits["valid"].add(tokens[per_token], lengths[held_out])
-            written = splits["train"].add(tokens[~per_token], lengths[~held_out])
-            counts += np.bincount(written, minlength=vocab)
-            text_bytes += size
-            bar.update(size)
-            tokens_so_far = splits["train"].tokens.length + splits["valid"].tokens.length
-            bar.set_postfix(tokens=f"{tokens_so_far / 1e6:.1f}M", refresh=False)
-            progress.update(text_mb=text_bytes / 2**20, tokens=tokens_so_far)
+        for part in parts:
+            index, start = 0, splits["train"].tokens.length + (splits["train"].documents > 0)  # after the EOS
+            chunks = read_chunks(cfg.dataset, part.files, part.text_field)
+            for tokens, lengths, size in _encoded_chunks(chunks, tokenizer_json, dtype, workers):
+                held_out = is_valid_document(np.arange(index, index + len(lengths)), fraction)  # per corpus
+                index += len(lengths)
+                per_token = np.repeat(held_out, lengths)
+                splits["valid"].add(tokens[per_token], lengths[held_out])
+                written = splits["train"].add(tokens[~per_token], lengths[~held_out])
+                counts += np.bincount(written, minlength=vocab)
+                text_bytes += size
+                bar.update(size)
+                tokens_so_far = splits["train"].tokens.length + splits["valid"].tokens.length
+                bar.set_postfix(tokens=f"{tokens_so_far / 1e6:.1f}M", refresh=False)
+                progress.update(text_mb=text_bytes / 2**20, tokens=tokens_so_far)
+            if index < 2:
+                where = f" in data.sources {part.name}" if cfg.sources else ""
+                raise UserError("data.train_files", f"found {index} non-empty document(s){where}; at least 2 are "
+                                "needed (one is held out for validation)", "Add documents: each .txt or .md file is "
+                                "one document, each .jsonl/.parquet/.arrow record is one")
+            ranges.append([start, splits["train"].tokens.length])
+            documents.append(index)
         bar.close()
     except SourceError as e:
         raise UserError(e.key, f"{e.origin}: {e.problem}", e.fix) from None
-    if index < 2:
-        raise UserError("data.train_files", f"found {index} non-empty document(s); at least 2 are needed (one is "
-                        "held out for validation)", "Add documents: each .txt or .md file is one document, each "
-                        ".jsonl/.parquet/.arrow record is one")
     arrays = {}
     for name, split in splits.items():
         arrays[name], arrays[f"{name}_docs"] = split.tokens.close(), split.offsets.close()
-    counts_file = ArrayWriter(staging / "token_counts.bin", np.int64)
-    counts_file.append(counts)
-    arrays["token_counts"] = counts_file.close()
-    seconds = time.perf_counter() - started
+    for name, values in (("token_counts", counts), ("train_sources", np.array(ranges, dtype=np.int64).ravel())):
+        writer = ArrayWriter(staging / f"{name}.bin", np.int64)
+        writer.append(values)
+        arrays[name] = writer.close()
     manifest = {"format": STORE_FORMAT, "fingerprint": staging.name.removesuffix(".staging"), "kind": "text",
                 "vocab_size": vocab, "eos_token_id": eos, "arrays": arrays, "text_bytes": text_bytes,
                 "documents": {name: split.documents for name, split in splits.items()},
                 "tokens": {name: split.tokens.length for name, split in splits.items()},
-                "sources": [str(f) for f in files] if cfg.dataset == "files" else cfg.dataset}
-    write_manifest(staging, manifest, {"seconds": seconds, "workers": workers, "host": socket.gethostname(),
-                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                "corpora": [{"files": [str(f) for f in part.files] if cfg.dataset == "files" else cfg.dataset,
+                             "documents": count, "train_tokens": end - start}
+                            for part, count, (start, end) in zip(parts, documents, ranges)]}
+    write_manifest(staging, manifest, {"seconds": time.perf_counter() - started, "workers": workers,
+                                       "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def build_task_store(cfg: DataConfig, seed: int, staging: Path, progress: dict) -> None:
@@ -347,6 +405,15 @@ def open_prepared(store: Store, cfg: DataConfig) -> PreparedData:
                         fingerprint=manifest["fingerprint"], store_dir=store.folder,
                         train_labels=blocks("train_labels"), valid_labels=blocks("valid_labels"),
                         valid_units=blocks("valid_units"), valid_lookback=blocks("valid_lookback"))
+    if cfg.sources:
+        ranges = np.asarray(store.array("train_sources")).reshape(-1, 2)
+        parts = [Blocks(data.train_blocks.array[start:end], L) for start, end in ranges]
+        for name, part, (start, end) in zip(source_names(cfg.sources), parts, ranges):
+            if len(part) == 0:
+                raise UserError("data.seq_len", f"data.sources {name} holds {end - start} training tokens, fewer than "
+                                f"one block of seq_len={L}", "Lower data.seq_len or add text to that source")
+        data.train_blocks = MixedBlocks(parts)
+        data.mixture = list(zip(source_names(cfg.sources), source_weights(cfg.sources)))
     if len(data.train_blocks) == 0:
         raise UserError("data.seq_len", f"the training split ({manifest['tokens']['train']} tokens) holds fewer "
                         f"tokens than one block of seq_len={L}", "Lower data.seq_len or add text")
@@ -371,12 +438,12 @@ def prepare_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, is_
     if paths.complete():
         log.info("data: store %s", paths.target)
     elif is_main:
-        files = _source_files(cfg)
+        parts = corpora(cfg)
         log.info("data: preparing %s into %s", cfg.dataset, paths.target)
         if cfg.dataset in TASKS:
             build_once(paths, lambda staging, beat: build_task_store(cfg, seed, staging, beat), cfg.prepare_timeout_s)
         else:
-            build_once(paths, lambda staging, beat: build_text_store(cfg, files, staging, beat, progress),
+            build_once(paths, lambda staging, beat: build_text_store(cfg, parts, staging, beat, progress),
                        cfg.prepare_timeout_s)
     elif wait:
         status = wait_for_store(paths, cfg.prepare_timeout_s, failure_before, "this rank")

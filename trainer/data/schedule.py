@@ -98,6 +98,78 @@ class BatchSchedule:
         return blocks[self.indices(step)]
 
 
+class MixtureSchedule:
+    """Batches of a weighted mixture as a pure function of the step: sample slot j (the global batch of step k
+    holds slots kG .. kG+G-1, rank r its r-th micro batch of them) is drawn from a source chosen by stride
+    scheduling, and is that source's n-th draw, which reads position n of the source's own shuffled order
+    (epoch n // blocks, a fresh order per epoch).
+
+    Stride scheduling: the normalised weights become integer quanta q_s summing to a period P (at most
+    WEIGHT_QUANTUM, reduced by their gcd); within each period source s's n-th draw sits at time (n + 1/2) / q_s,
+    and the period's slots take the draws in time order (ties: the lower source). So every period holds exactly
+    q_s draws of source s, spread evenly: the share of each source over any run of periods is its quantum
+    exactly, and a slot's source and draw number cost O(1) (a table of one period)."""
+
+    def __init__(self, source_blocks: list[int], weights: list[float], micro_batch_size: int, rank: int,
+                 world_size: int, seed: int):
+        from fractions import Fraction
+        from math import gcd
+
+        from trainer.data.config import WEIGHT_QUANTUM
+
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        quanta = [round(w / sum(weights) * WEIGHT_QUANTUM) for w in weights]
+        divisor = gcd(*quanta)
+        self.quanta = np.array([q // divisor for q in quanta], dtype=np.int64)
+        self.source_blocks = np.array(source_blocks, dtype=np.int64)
+        self.offsets = np.cumsum(np.concatenate([[0], self.source_blocks]))
+        self.micro_batch_size, self.rank, self.seed = micro_batch_size, rank, seed
+        self.global_batch_size = world_size * micro_batch_size
+        draws = sorted((Fraction(2 * n + 1, 2 * int(q)), s, n) for s, q in enumerate(self.quanta) for n in range(q))
+        self.period_source = np.array([s for _, s, _ in draws], dtype=np.int64)
+        self.period_draw = np.array([n for _, _, n in draws], dtype=np.int64)
+        # drawn_before[o, s]: draws of source s in the first o slots of a period
+        onehot = np.eye(len(self.quanta), dtype=np.int64)[self.period_source]
+        self.drawn_before = np.concatenate([np.zeros((1, len(self.quanta)), np.int64), np.cumsum(onehot, 0)])
+
+    @property
+    def period(self) -> int:
+        return len(self.period_source)
+
+    def draws(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, its draw number) of each global sample slot."""
+        cycle, offset = np.divmod(np.asarray(slots, dtype=np.int64), self.period)
+        source = self.period_source[offset]
+        return source, cycle * self.quanta[source] + self.period_draw[offset]
+
+    def drawn(self, slots: int) -> np.ndarray:
+        """[sources] draws of each source in the first `slots` slots of the run."""
+        cycle, offset = divmod(slots, self.period)
+        return cycle * self.quanta + self.drawn_before[offset]
+
+    def epochs(self, step: int) -> np.ndarray:
+        """[sources] the epoch each source is in after `step` steps (0 until its blocks have all been drawn)."""
+        return self.drawn(step * self.global_batch_size) // self.source_blocks
+
+    def indices(self, step: int) -> torch.Tensor:
+        """[micro_batch_size] block ids (MixedBlocks numbering) for this rank at optimizer step `step`."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        start = step * self.global_batch_size + self.rank * self.micro_batch_size
+        source, draw = self.draws(np.arange(start, start + self.micro_batch_size))
+        epoch, position = np.divmod(draw, self.source_blocks[source])
+        ids = np.empty(len(source), dtype=np.int64)
+        for s, e in sorted(set(zip(source.tolist(), epoch.tolist()))):
+            where = (source == s) & (epoch == e)
+            order = ShuffledOrder(int(self.source_blocks[s]), seed_from("mixture", self.seed, s, e))
+            ids[where] = self.offsets[s] + order(position[where])
+        return torch.from_numpy(ids)
+
+    def batch(self, blocks, step: int) -> torch.Tensor:
+        return blocks[self.indices(step)]
+
+
 def valid_shard(valid_blocks, rank: int, world_size: int, count: int | None = None) -> torch.Tensor:
     """This rank's contiguous share of the first `count` validation blocks (all for None). Shares differ by at
     most one block and may be empty, so sum losses and token counts across ranks rather than averaging

@@ -321,3 +321,55 @@ def test_shakespeare_corpus(tmp_path):
     common = sum(w in frequent for w in words)
     assert len(words) > 3000 and common / len(words) > 0.15
     assert not re.search(r"\*\*|_|\\\[|^#", text, re.M)  # the Markdown is stripped
+
+
+# ---------------------------------------------------------------- mixtures
+
+def mixture_config(tmp_path: Path, sources: list[dict], **overrides) -> DataConfig:
+    from trainer.data.config import SourceConfig
+
+    values = dict(dataset="files", sources=[SourceConfig(**s) for s in sources], vocab_size=300, seq_len=16,
+                  valid_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+def test_a_mixture_store_keeps_one_stream_per_source(tmp_path):
+    from trainer.data.prepare import MixedBlocks
+
+    books = write_jsonl(tmp_path / "books.jsonl", make_docs(30, seed=1))
+    news = [f"news{i:03d}x " + d for i, d in enumerate(make_docs(20, seed=2))]
+    (tmp_path / "news").mkdir()
+    for i, doc in enumerate(news):
+        (tmp_path / "news" / f"{i:02d}.txt").write_text(doc)
+    sources = [{"files": [str(books)], "weight": 3.0, "name": "books"},
+               {"files": [str(tmp_path / "news" / "*.txt")], "weight": 1.0, "name": "news"}]
+    data = prepare(mixture_config(tmp_path, sources))
+    assert isinstance(data.train_blocks, MixedBlocks) and data.mixture == [("books", 0.75), ("news", 0.25)]
+    tok = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+    books_part, news_part = data.train_blocks.parts
+    assert len(data.train_blocks) == len(books_part) + len(news_part)
+    assert tags(tok, books_part) == [i for i in range(30) if i % 10]  # per source: its documents 0, 10, 20 held out
+    assert "news" not in tok.decode(books_part.array.tolist())
+    assert re.findall(r"news(\d{3})x", tok.decode(news_part.array.tolist())) == [f"{i:03d}" for i in range(20) if i % 10]
+    assert torch.equal(data.train_blocks[[len(books_part)]], news_part[[0]])
+    reweighted = [dict(s, weight=1.0, name=f"other{i}") for i, s in enumerate(sources)]
+    assert prepare(mixture_config(tmp_path, reweighted)).store_dir == data.store_dir  # weights are not bytes
+    assert prepare(mixture_config(tmp_path, sources[::-1])).store_dir != data.store_dir
+
+
+@pytest.mark.parametrize("sources, key", [
+    ([{"files": ["a.jsonl"], "weight": 0.0}], "data.sources[0].weight"),
+    ([{"files": ["a.jsonl"], "weight": -1.0}], "data.sources[0].weight"),
+    ([{"files": ["a.jsonl"], "weight": 1.0}, {"files": ["a.jsonl"]}], "data.sources"),
+    ([{"files": []}], "data.sources[0].files"),
+    ([{"files": ["a.jsonl"], "name": "x"}, {"files": ["a.jsonl"], "name": "x"}], "data.sources"),
+    ([{"files": ["a.jsonl"], "weight": 1.0}, {"files": ["a.jsonl"], "weight": 1e-6}], "data.sources[1].weight"),
+])
+def test_bad_mixtures_name_the_source(tmp_path, sources, key):
+    assert error_key(mixture_config(tmp_path, sources)).key == key
+
+
+def test_a_mixture_and_train_files_together_are_refused(tmp_path, corpus):
+    cfg = mixture_config(tmp_path, [{"files": [str(corpus[1])]}], train_files=[str(corpus[1])])
+    assert error_key(cfg).key == "data.sources"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer.data.prepare import Blocks
-from trainer.data.schedule import BatchSchedule, ShuffledOrder, valid_shard
+from trainer.data.schedule import BatchSchedule, MixtureSchedule, ShuffledOrder, valid_shard
 from trainer.errors import UserError
 
 
@@ -94,3 +94,44 @@ def test_valid_shards_partition_the_blocks(num_valid, world_size, count):
         assert torch.equal(torch.cat(shards), first)
         assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
         assert torch.equal(torch.cat(shards), torch.cat(torch.tensor_split(first, world_size)))
+
+
+# ---------------------------------------------------------------- mixtures
+
+def test_a_mixture_draws_each_source_by_its_weight_exactly_per_period():
+    mixture = MixtureSchedule([100, 7, 50], [5.0, 3.0, 2.0], 8, 0, 1, seed=1)
+    assert mixture.period == 10 and mixture.quanta.tolist() == [5, 3, 2]
+    source, draw = mixture.draws(np.arange(10 * 37))
+    assert np.bincount(source).tolist() == [5 * 37, 3 * 37, 2 * 37]
+    for s in range(3):  # a source's draws are numbered in order, without gaps
+        assert draw[source == s].tolist() == list(range((source == s).sum()))
+    assert mixture.drawn(10 * 37).tolist() == [5 * 37, 3 * 37, 2 * 37]
+    assert mixture.drawn(13).tolist() == np.bincount(mixture.draws(np.arange(13))[0], minlength=3).tolist()
+
+
+def test_mixture_shares_stay_within_one_percent_for_awkward_weights():
+    weights = [0.6137, 0.2871, 0.0992]
+    mixture = MixtureSchedule([1000, 1000, 1000], weights, 16, 0, 1, seed=0)
+    for slots in (2_000, 10_000, 123_457):
+        shares = mixture.drawn(slots) / slots
+        assert np.all(np.abs(shares / np.array(weights) - 1) < 0.01), (slots, shares)
+
+
+def test_a_mixture_step_is_the_same_for_any_world_size_and_call_order():
+    single = MixtureSchedule([30, 11], [0.7, 0.3], 6, 0, 1, seed=3)
+    ranks = [MixtureSchedule([30, 11], [0.7, 0.3], 3, r, 2, seed=3) for r in range(2)]
+    steps = list(range(40))
+    expected = {s: single.indices(s) for s in steps}
+    random.Random(0).shuffle(steps)
+    for step in steps:
+        assert torch.equal(expected[step], torch.cat([r.indices(step) for r in ranks]))
+
+
+def test_a_source_that_runs_out_starts_a_fresh_order():
+    mixture = MixtureSchedule([12, 5], [0.5, 0.5], 2, 0, 1, seed=4)
+    ids = torch.cat([mixture.indices(s) for s in range(30)]).numpy()
+    small = ids[ids >= 12] - 12  # the 5-block source, drawn 30 times: 6 epochs
+    epochs = small.reshape(6, 5)
+    assert all(sorted(e.tolist()) == list(range(5)) for e in epochs)
+    assert len({tuple(e.tolist()) for e in epochs}) > 1  # each epoch its own order
+    assert mixture.epochs(5).tolist() == [0, 1] and mixture.epochs(30).tolist() == [2, 6]
