@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--hashmoe", metavar="COMMAND", help="command that runs hashmoe on the compute nodes "
                        "(default: this Python, `-m trainer.cli`; inside a container: hashmoe)")
     slurm.add_argument("--template", help="sbatch template (default slurm/hashmoe.sbatch)")
+    slurm.add_argument("--prepare-cpus", type=int, help="CPUs of the data preparation job, submitted first when the "
+                       "run's token store is missing (default: --cpus-per-task, else 8; a tokenizing worker each)")
+    slurm.add_argument("--prepare-partition", help="partition of the preparation job (default: --partition)")
+    slurm.add_argument("--prepare-time", help="time limit of the preparation job (default: the partition's)")
+    slurm.add_argument("--no-prepare-job", dest="prepare_job", action="store_false",
+                       help="submit no preparation job: a missing store is prepared by the training job's rank 0")
     slurm.add_argument("--dry-run", action="store_true", help="print the job script, submit nothing")
     add_change_argument(slurm)
 
@@ -253,7 +259,9 @@ def run_slurm(args) -> int:
                            cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
                            qos=args.qos, time=args.time, signal_seconds=args.signal_seconds, setup=args.setup,
                            srun_args=args.srun_args, hashmoe=args.hashmoe, template=args.template,
-                           allow_config_change=args.allow_config_change)
+                           allow_config_change=args.allow_config_change, prepare_job=args.prepare_job,
+                           prepare_cpus=args.prepare_cpus, prepare_partition=args.prepare_partition,
+                           prepare_time=args.prepare_time)
     return slurm_command(args.config, args.overrides, args.output, request, args.dry_run)
 
 

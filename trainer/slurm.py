@@ -34,6 +34,7 @@ from trainer.distributed import tool_command
 from trainer.errors import UserError
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "hashmoe.sbatch"
+PREPARE_TEMPLATE = TEMPLATE.with_name("prepare.sbatch")
 # Values that end up on #SBATCH lines: no spaces, quotes or newlines (they would change the script).
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]+$")
 TIME_FORMATS = ("MINUTES", "MINUTES:SECONDS", "HOURS:MINUTES:SECONDS", "DAYS-HOURS", "DAYS-HOURS:MINUTES",
@@ -57,6 +58,12 @@ class SlurmRequest:
     hashmoe: str | None = None  # command that runs hashmoe on the compute nodes
     template: str | None = None
     allow_config_change: bool = False  # pass --allow-config-change to `hashmoe train` in the job
+    # The data preparation job, submitted first when the run's token store is missing (prepare_job False: the
+    # training job's rank 0 prepares it, with the GPUs waiting).
+    prepare_job: bool = True
+    prepare_partition: str | None = None  # default: the training job's partition
+    prepare_cpus: int | None = None  # default: cpus_per_task, else 8
+    prepare_time: str | None = None  # default: the partition's
 
     @property
     def tasks_per_node(self) -> int:
@@ -126,6 +133,13 @@ def check_request(config: RunConfig, request: SlurmRequest) -> None:
     template = Path(request.template) if request.template else TEMPLATE
     if not template.is_file():
         raise UserError("--template", f"{template} not found", "Pass an sbatch template (see slurm/hashmoe.sbatch).")
+    if request.prepare_cpus is not None and request.prepare_cpus < 1:
+        raise UserError("--prepare-cpus", f"got {request.prepare_cpus}", "Use a positive number of CPUs.")
+    if request.prepare_partition is not None and not SAFE_VALUE.match(request.prepare_partition):
+        raise UserError("--prepare-partition", f"{request.prepare_partition!r} holds spaces, quotes or other "
+                        "characters Slurm names do not have", "Give the name as Slurm shows it (sinfo).")
+    if request.prepare_time is not None:
+        time_limit_seconds(request.prepare_time)
 
 
 @dataclass
@@ -174,6 +188,33 @@ def render(config: RunConfig, request: SlurmRequest, workdir: Path | None = None
                        yaml.safe_dump(resolved, sort_keys=False))
 
 
+def prepare_cpus(request: SlurmRequest) -> int:
+    return request.prepare_cpus or request.cpus_per_task or 8
+
+
+def render_prepare(config: RunConfig, request: SlurmRequest, job: RenderedJob,
+                   workdir: Path | None = None) -> tuple[str, Path]:
+    """The data preparation job (one task, CPUs only) for the same config snapshot: (script, its path)."""
+    workdir = (workdir or Path.cwd()).resolve()
+    hashmoe = request.hashmoe or f"{shlex.quote(sys.executable)} -m trainer.cli"
+    sbatch = [f"--job-name=prep-{job_name(config)}"[:64], "--nodes=1", "--ntasks=1",
+              f"--cpus-per-task={prepare_cpus(request)}"]
+    partition = request.prepare_partition or request.partition
+    for name, value in (("partition", partition), ("account", request.account), ("qos", request.qos),
+                        ("time", request.prepare_time)):
+        if value:
+            sbatch.append(f"--{name}={value}")
+    values = {
+        "sbatch_options": "\n".join(f"#SBATCH {option}" for option in sbatch),
+        "output": shlex.quote(str(job.log_dir / "prepare-%j.out")),
+        "error": shlex.quote(str(job.log_dir / "prepare-%j.err")),
+        "workdir": shlex.quote(str(workdir)),
+        "site_setup": "\n".join(request.setup) if request.setup else "# (none: pass --setup 'module load ...')",
+        "prepare_command": f"{hashmoe} prepare {shlex.quote(str(job.config_snapshot))}",
+    }
+    return fill_template(PREPARE_TEMPLATE.read_text(), values, PREPARE_TEMPLATE), job.log_dir / "prepare.sbatch"
+
+
 def fill_template(text: str, values: dict[str, str], source: Path) -> str:
     unknown = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
     if unknown:
@@ -188,8 +229,11 @@ def job_name(config: RunConfig) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"hashmoe-{config.run.name}")[:64]
 
 
-def submit(job: RenderedJob, run=subprocess.run, environ=None) -> str:
-    """Write the config snapshot and the script into RUN_DIR/slurm/ and submit; returns the job id."""
+def submit(job: RenderedJob, run=subprocess.run, environ=None,
+           prepare: tuple[str, Path] | None = None) -> tuple[str, str | None]:
+    """Write the config snapshot and the script(s) into RUN_DIR/slurm/ and submit; returns the training job's
+    id and the preparation job's. With `prepare` (its script and path), that job is submitted first and training
+    waits for its success."""
     sbatch = shutil.which("sbatch", path=(environ or os.environ).get("PATH"))
     if sbatch is None:
         raise UserError("sbatch", "not found on PATH", "Run `hashmoe slurm` on a Slurm login node (or load the "
@@ -197,11 +241,20 @@ def submit(job: RenderedJob, run=subprocess.run, environ=None) -> str:
     job.log_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens the logs before the script runs
     job.config_snapshot.write_text(job.snapshot_text)
     job.script_path.write_text(job.script)
-    result = run([sbatch, "--parsable", str(job.script_path)], capture_output=True, text=True, env=environ,
+    prepare_id, dependency = None, []
+    if prepare is not None:
+        prepare[1].write_text(prepare[0])
+        prepare_id = sbatch_script(sbatch, prepare[1], [], run, environ)
+        dependency = [f"--dependency=afterok:{prepare_id}"]
+    return sbatch_script(sbatch, job.script_path, dependency, run, environ), prepare_id
+
+
+def sbatch_script(sbatch: str, script: Path, options: list[str], run, environ) -> str:
+    result = run([sbatch, "--parsable", *options, str(script)], capture_output=True, text=True, env=environ,
                  timeout=120)
     if result.returncode != 0:
         raise UserError("sbatch", f"refused the job: {result.stderr.strip() or result.stdout.strip()}",
-                        f"Fix the option it names (the script is in {job.script_path}).")
+                        f"Fix the option it names (the script is in {script}).")
     job_id = result.stdout.strip().split(";")[0]
     if not job_id.isdigit():
         raise UserError("sbatch", f"answered {result.stdout.strip()!r}, not a job id", "Check the Slurm client.")
@@ -210,6 +263,7 @@ def submit(job: RenderedJob, run=subprocess.run, environ=None) -> str:
 
 def slurm_command(config_path: str, overrides: list[str], output: str | None, request: SlurmRequest,
                   dry_run: bool) -> int:
+    from trainer.data.prepare import store_paths
     from trainer.loop import plan_run
 
     config = load_config(config_path, overrides, output)  # config errors first, before anything else
@@ -217,13 +271,23 @@ def slurm_command(config_path: str, overrides: list[str], output: str | None, re
     job = render(config, request)
     # checked now: a run folder trained with another model shape would fail only once the job starts
     resumes = plan_run(config, allow_config_change=request.allow_config_change).checkpoint
+    store = store_paths(config.data, config.run.seed)
+    prepare = render_prepare(config, request, job) if request.prepare_job and not store.complete() else None
     if dry_run:
+        if prepare is not None:
+            print(prepare[0], end="")
+            print(f"# hashmoe: the data store {store.target} is missing: the job above prepares it, and the "
+                  "training job below waits for it (--dependency=afterok)\n", flush=True)
         print(job.script, end="")
         print(f"# hashmoe: dry run, nothing submitted. Would write {job.config_snapshot} (the resolved config) "
               f"and {job.script_path}, then run: sbatch --parsable {job.script_path}"
               + (f"\n# the job would resume from {resumes}" if resumes is not None else ""), flush=True)
         return 0
-    job_id = submit(job)
+    job_id, prepare_id = submit(job, prepare=prepare)
+    if prepare_id is not None:
+        print(f"hashmoe: the data store {store.target} is missing: job {prepare_id} ({prepare_cpus(request)} CPUs) "
+              f"prepares it (log: {job.log_dir}/prepare-{prepare_id}.out); training starts when it succeeds",
+              flush=True)
     if resumes is not None:
         print(f"hashmoe: the job resumes from {resumes}", flush=True)
     per_node = f"{request.gpus_per_node} GPUs" if request.gpus_per_node else f"{request.tasks_per_node} tasks"

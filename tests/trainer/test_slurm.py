@@ -100,7 +100,7 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path, capsys, monkeypa
 def test_submit_calls_sbatch_and_says_how_to_follow_the_job(tmp_path, capsys, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake_tool(bin_dir, "sbatch", f'echo "$@" > {tmp_path}/sbatch.args\necho "4242;cluster"\n')
+    fake_tool(bin_dir, "sbatch", f'echo "$@" >> {tmp_path}/sbatch.args\necho "4242;cluster"\n')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.chdir(tmp_path)
     assert main(["slurm", TINY_EP2, "--gpus-per-node", "2", "--set", "optim.max_steps=7"]) == 0
@@ -109,8 +109,32 @@ def test_submit_calls_sbatch_and_says_how_to_follow_the_job(tmp_path, capsys, mo
     assert "submitted job 4242: 1 node(s) x 2 GPUs = 2 ranks" in out
     assert "squeue -j 4242" in out and f"tail -f {run_dir}/slurm/4242.out" in out
     assert f"tensorboard --logdir {run_dir}/tb" in out
-    assert (tmp_path / "sbatch.args").read_text().split() == ["--parsable", str(run_dir / "slurm" / "job.sbatch")]
+    # no token store yet (data_cache/ here is empty): the preparation job first, training waits for it
+    assert [line.split() for line in (tmp_path / "sbatch.args").read_text().splitlines()] == [
+        ["--parsable", str(run_dir / "slurm" / "prepare.sbatch")],
+        ["--parsable", "--dependency=afterok:4242", str(run_dir / "slurm" / "job.sbatch")]]
+    assert "job 4242 (8 CPUs) prepares it" in out
+    prepare_script = (run_dir / "slurm" / "prepare.sbatch").read_text()
+    assert "#SBATCH --cpus-per-task=8" in prepare_script and "gpus" not in prepare_script
+    assert f"-m trainer.cli prepare {run_dir / 'slurm' / 'run.yaml'}" in prepare_script
     assert "max_steps: 7" in (run_dir / "slurm" / "run.yaml").read_text()  # overrides are in the snapshot
+
+
+def test_no_preparation_job_when_the_store_exists_or_is_declined(tmp_path, capsys, monkeypatch):
+    from trainer.data import prepare_data
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_tool(bin_dir, "sbatch", f'echo "$@" >> {tmp_path}/sbatch.args\necho "77"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    task = ["--set", "data.dataset=random_walk", "--set", "data.seq_len=64"]
+    assert main(["slurm", TINY_EP2, "--gpus-per-node", "2", "--no-prepare-job", *task]) == 0
+    prepare_data(load_config(TINY_EP2, task[1::2]).data, load_config(TINY_EP2).run.seed)
+    assert main(["slurm", TINY_EP2, "--gpus-per-node", "2", *task, "--allow-config-change"]) == 0
+    calls = (tmp_path / "sbatch.args").read_text().splitlines()
+    assert len(calls) == 2 and all(call.endswith("job.sbatch") and "dependency" not in call for call in calls)
+    assert "prepares it" not in capsys.readouterr().out
 
 
 def test_config_errors_come_before_any_submission(tmp_path, capsys):

@@ -157,3 +157,23 @@ def test_two_node_job_one_rank_per_emulated_node(cluster, corpus, tmp_path):
     assert f"2 ranks (srun), rendezvous 127.0.0.1:{15000 + int(job_id) % 15000}" in log, log
     assert sorted(train_rows(run_dir)) == list(range(1, MAX_STEPS + 1))
     assert checkpoint_state(run_dir, MAX_STEPS)["world_size"] == 2
+
+
+def test_a_missing_store_is_prepared_by_a_cpu_job_that_training_waits_for(cluster, corpus, tmp_path):
+    corpus_file, _ = corpus
+    config, run_dir = write_run(tmp_path, (corpus_file, tmp_path / "fresh-cache"), optim__max_steps=4,
+                                checkpoint__every=4, logging__eval_every=4)
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "slurm", str(config), "--gpus-per-node", "0",
+                             "--ntasks-per-node", "2", "--cpus-per-task", "1", "--prepare-cpus", "1"], cwd=ROOT,
+                            env=cluster.env(env_for_run()), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    prepare_id = re.search(r"job (\d+) \(1 CPUs\) prepares it", result.stdout).group(1)
+    job_id = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    prepared = finish(cluster, prepare_id, run_dir)
+    assert prepared["NumCPUs"] == "1", prepared
+    prepare_log = (run_dir / "slurm" / f"prepare-{prepare_id}.out").read_text()
+    assert "hashmoe: data store prepared" in prepare_log, prepare_log
+    finish(cluster, job_id, run_dir)
+    assert sorted(train_rows(run_dir)) == [1, 2, 3, 4]
+    store = next((tmp_path / "fresh-cache").glob("*/manifest.json")).parent
+    assert checkpoint_state(run_dir, 4)["data_fingerprint"] == store.name
