@@ -22,14 +22,16 @@ Endpoints implemented (model repos; datasets/spaces answer the same way under th
                                                           deletedFolder; parentCommit checked
     GET  /api/models/{repo}[/revision/{rev}]              repo info: sha, siblings, private, ...
     GET  /api/models/{repo}/tree/{rev}[/{path}]           ?recursive=; files with oid, size and lfs info
-    HEAD/GET /{repo}/resolve/{rev}/{path}                 X-Repo-Commit, ETag (sha256 for LFS, git oid else),
-                                                          X-Linked-Size/-Etag; 404s carry X-Error-Code
+    HEAD/GET /[datasets/]{repo}/resolve/{rev}/{path}      X-Repo-Commit, ETag (sha256 for LFS, git oid else),
+                                                          X-Linked-Size/-Etag; 404s carry X-Error-Code; one
+                                                          `Range: bytes=a-b` (or `-n`) answered 206 with
+                                                          Content-Range, as parquet readers ask
 
 Answered 404 on purpose (the client treats the registry as absent): GET /api/agent-harnesses, which the client
 fetches to name AI-agent harnesses in its user agent.
 
 Not implemented: Xet storage (clients must run with HF_HUB_DISABLE_XET=1), multipart LFS uploads, pull
-requests, tags, pagination (one page is returned), range requests, gated repos, organisations, rate limits,
+requests, tags, pagination (one page is returned), multi-range requests, gated repos, organisations, rate limits,
 the real Hub's full metadata schema, and anything else: such requests get 404 and are recorded in
 `HubServer.unhandled`, so a test can assert the client needed nothing more.
 """
@@ -110,6 +112,7 @@ class HubServer:
         self.upload_signatures: dict[str, str] = {}  # sha256 -> secret in the signed PUT URL
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
         self.unhandled: list[tuple[str, str]] = []
+        self.ranges: list[tuple[str, str]] = []  # (path, Range header) of every ranged download
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self.httpd.daemon_threads = True
@@ -258,6 +261,9 @@ def _make_handler(hub: HubServer):
                 return self.api_repo(method, "/".join(parts[2:4]), parts[4:], query)
             elif method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
                 self.resolve("/".join(parts[:2]), parts[3], unquote("/".join(parts[4:])))
+            elif method in ("GET", "HEAD") and len(parts) >= 6 and parts[0] in ("datasets", "spaces") \
+                    and parts[3] == "resolve":
+                self.resolve("/".join(parts[1:3]), parts[4], unquote("/".join(parts[5:])))
             else:
                 return False
             return True
@@ -433,10 +439,24 @@ def _make_handler(hub: HubServer):
             if entry is None:
                 raise HubError(404, "Entry not found", "EntryNotFound")
             etag = f'"{entry.sha256 if entry.lfs else entry.oid}"'
-            headers = {"X-Repo-Commit": commit, "ETag": etag, "Accept-Ranges": "none"}
+            headers = {"X-Repo-Commit": commit, "ETag": etag, "Accept-Ranges": "bytes"}
             if entry.lfs:
                 headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(entry.size)})
-            self.send(200, headers=headers, raw=hub.read(entry))
+            data = hub.read(entry)
+            wanted = self.headers.get("Range", "")
+            if wanted.startswith("bytes=") and "," not in wanted:  # one range, as parquet readers ask
+                hub.ranges.append((path, wanted))
+                first, _, last = wanted[6:].partition("-")
+                start = int(first) if first else max(0, len(data) - int(last))
+                end = min(len(data) - 1, int(last) if first and last else len(data) - 1)
+                if start >= len(data):
+                    headers["Content-Range"] = f"bytes */{len(data)}"
+                    self.send(416, headers=headers, raw=b"")
+                    return
+                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                self.send(206, headers=headers, raw=data[start:end + 1])
+                return
+            self.send(200, headers=headers, raw=data)
 
     return Handler
 

@@ -16,6 +16,12 @@ class SourceConfig:
     """One corpus of a mixture (`data.sources`)."""
 
     files: list[str] = field(default_factory=list)  # as data.train_files: files, globs, save_to_disk folders
+    # ... or a dataset on the Hugging Face Hub (read streaming through `datasets`; the commit read is pinned in
+    # the store, so training needs no network once it exists)
+    hub: str = ""  # e.g. "HuggingFaceFW/fineweb-edu"
+    hub_config: str = ""  # the dataset's configuration (subset), if it has several
+    split: str = "train"
+    revision: str = ""  # a branch, tag or commit (default: the main branch, resolved to its commit when prepared)
     weight: float | None = None  # share of the training blocks drawn from it, normalised over the sources
     name: str = ""  # how the run's metrics and messages call it (default: source0, source1, ...)
     text_field: str = ""  # default: data.text_field
@@ -100,8 +106,9 @@ def validate_sources(sources: list[SourceConfig]) -> None:
     weighted = [s.weight is not None for s in sources]
     for i, source in enumerate(sources):
         key = f"data.sources[{i}]"
-        if not source.files:
-            raise UserError(f"{key}.files", "a source without files", "List its files, globs or folders")
+        if bool(source.files) == bool(source.hub):
+            raise UserError(f"{key}.files", "a source needs files or a hub dataset, and not both",
+                            "List its files, globs or folders under `files`, or name a Hub dataset under `hub`")
         if source.weight is not None and not source.weight > 0:
             raise UserError(f"{key}.weight", f"must be > 0, got {source.weight!r}",
                             "Give every source a positive weight (they are normalised), or remove the source")

@@ -28,11 +28,14 @@ import torch
 from trainer.data.config import DataConfig, source_names, source_weights, validate
 from trainer.data.sources import (
     CHUNK_BYTES,
+    Corpus,
+    HubDataset,
     SourceError,
     chunk_documents,
     describe_sources,
     match_files,
     read_chunks,
+    resolve_hub_commit,
     shakespeare_files,
     source_bytes,
 )
@@ -145,15 +148,6 @@ class PreparedData:
 # ---------------------------------------------------------------- which store
 
 
-@dataclass
-class Corpus:
-    """One corpus of the store: the whole of `train_files` (or the Shakespeare plays), or one mixture source."""
-
-    name: str
-    files: list[Path]
-    text_field: str
-
-
 def corpora(cfg: DataConfig) -> list[Corpus]:
     """The store's corpora in order ([] for a task); resolving globs checks every file exists."""
     if cfg.dataset == "shakespeare":
@@ -162,8 +156,16 @@ def corpora(cfg: DataConfig) -> list[Corpus]:
         return []
     if not cfg.sources:
         return [Corpus("train_files", match_files(cfg.train_files), cfg.text_field)]
-    return [Corpus(name, match_files(source.files), source.text_field or cfg.text_field)
+    return [Corpus(name, match_files(source.files) if source.files else [], source.text_field or cfg.text_field,
+                   HubDataset(source.hub, source.hub_config, source.split, source.revision) if source.hub else None)
             for name, source in zip(source_names(cfg.sources), cfg.sources)]
+
+
+def describe_corpus(dataset: str, corpus: Corpus) -> list:
+    if corpus.hub is not None:  # as asked for: no network to tell the store (the commit read is in its manifest)
+        hub = corpus.hub
+        return [["hub", hub.name, hub.config, hub.split, hub.revision], corpus.text_field]
+    return [describe_sources(dataset, corpus.files), corpus.text_field]
 
 
 def store_fingerprint(cfg: DataConfig, seed: int) -> str:
@@ -180,7 +182,7 @@ def store_fingerprint(cfg: DataConfig, seed: int) -> str:
         parts = corpora(cfg)
         payload.update(valid_fraction=cfg.valid_fraction)
         if cfg.sources:  # a mixture: one stream per source, in order
-            payload["mixture"] = [[describe_sources(cfg.dataset, c.files), c.text_field] for c in parts]
+            payload["mixture"] = [describe_corpus(cfg.dataset, c) for c in parts]
         else:  # as before mixtures, so single-corpus stores keep their fingerprints
             payload.update(sources=describe_sources(cfg.dataset, parts[0].files),
                            text_field=cfg.text_field if cfg.dataset == "files" else None)
@@ -299,7 +301,7 @@ def _train_tokenizer_on_samples(cfg: DataConfig, parts: list[Corpus], fraction: 
     share = (cfg.tokenizer_sample_mb << 20) // len(parts)
     sample = []
     for part in parts:
-        sample += _tokenizer_sample(read_chunks(cfg.dataset, part.files, part.text_field), fraction, share)
+        sample += _tokenizer_sample(read_chunks(cfg.dataset, part), fraction, share)
     if not sample:
         raise UserError("data.train_files", "found no training document (at least 2 non-empty documents are "
                         "needed: one is held out for validation)", "Add documents: each .txt or .md file is one "
@@ -311,6 +313,9 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
     started = time.perf_counter()
     fraction = Fraction(cfg.valid_fraction).limit_denominator(1 << 20)
     try:
+        for part in parts:  # one commit read by both passes, recorded in the manifest
+            if part.hub is not None:
+                part.hub.commit = resolve_hub_commit(part.hub)
         progress["stage"] = "training the tokenizer"
         tok = (_train_tokenizer_on_samples(cfg, parts, fraction) if cfg.tokenizer == "train"
                else load_tokenizer(cfg.tokenizer))
@@ -318,15 +323,15 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
         vocab, eos, dtype = len(tok), tok.eos_token_id, token_dtype(len(tok))
         tokenizer_json = str(staging / "tokenizer" / "tokenizer.json")
         progress["stage"] = "tokenizing"
-        total = sum(source_bytes(part.files) for part in parts)
-        workers = _worker_count(cfg, total)
+        total = None if any(part.hub for part in parts) else sum(source_bytes(part.files) for part in parts)
+        workers = _worker_count(cfg, total if total is not None else 1 << 40)
         splits = {"train": SplitWriter(staging, "train", dtype, eos), "valid": SplitWriter(staging, "valid", dtype, eos)}
         counts = np.zeros(vocab, dtype=np.int64)
         ranges, documents, text_bytes = [], [], 0  # per corpus: its training tokens [start, end), its documents
         bar = _progress_bar(show, total, f"prepare ({workers} worker{'s' * (workers > 1)})")
         for part in parts:
             index, start = 0, splits["train"].tokens.length + (splits["train"].documents > 0)  # after the EOS
-            chunks = read_chunks(cfg.dataset, part.files, part.text_field)
+            chunks = read_chunks(cfg.dataset, part)
             for tokens, lengths, size in _encoded_chunks(chunks, tokenizer_json, dtype, workers):
                 held_out = is_valid_document(np.arange(index, index + len(lengths)), fraction)  # per corpus
                 index += len(lengths)
@@ -360,7 +365,9 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
                 "vocab_size": vocab, "eos_token_id": eos, "arrays": arrays, "text_bytes": text_bytes,
                 "documents": {name: split.documents for name, split in splits.items()},
                 "tokens": {name: split.tokens.length for name, split in splits.items()},
-                "corpora": [{"files": [str(f) for f in part.files] if cfg.dataset == "files" else cfg.dataset,
+                "corpora": [{**({"hub": part.hub.name, "config": part.hub.config, "split": part.hub.split,
+                                 "commit": part.hub.commit} if part.hub else
+                                {"files": [str(f) for f in part.files] if cfg.dataset == "files" else cfg.dataset}),
                              "documents": count, "train_tokens": end - start}
                             for part, count, (start, end) in zip(parts, documents, ranges)]}
     write_manifest(staging, manifest, {"seconds": time.perf_counter() - started, "workers": workers,

@@ -1,5 +1,6 @@
 """Where documents come from: the built-in Shakespeare corpus, local files and globs (.txt/.md, .jsonl,
-.parquet, .arrow, each also .gz or .zst), and folders written by `datasets`' save_to_disk.
+.parquet, .arrow, each also .gz or .zst), folders written by `datasets`' save_to_disk, and datasets on the
+Hugging Face Hub (streamed through `datasets`, at a commit resolved once and pinned in the store).
 
 A source is read as a stream of *chunks* of about CHUNK_BYTES of text, in a fixed order (the files sorted, the
 records in file order), so that worker processes can tokenize chunks in parallel while the store is written in
@@ -39,6 +40,29 @@ class Chunk:
     origin: str  # where it came from, for error messages: "FILE" or "FILE, lines N-M"
     text_field: str = "text"
     first_line: int = 1  # jsonl: the line number of the payload's first line in its file
+
+
+@dataclass
+class HubDataset:
+    name: str  # owner/name
+    config: str = ""
+    split: str = "train"
+    revision: str = ""  # as asked for (a branch, tag or commit; "" = main)
+    commit: str = ""  # what it resolved to, when prepared
+
+    @property
+    def origin(self) -> str:
+        return f"the Hub dataset {self.name}" + (f" ({self.config})" if self.config else "") + f", split {self.split}"
+
+
+@dataclass
+class Corpus:
+    """One corpus of a store: the whole of `train_files` (or the Shakespeare plays), or one mixture source."""
+
+    name: str
+    files: list[Path]
+    text_field: str
+    hub: HubDataset | None = None
 
 
 class SourceError(Exception):
@@ -299,23 +323,75 @@ def _saved_chunks(folder: Path, text_field: str) -> Iterator[Chunk]:
         yield from _arrow_chunks(folder / entry["filename"], text_field)
 
 
-def read_chunks(dataset: str, files: list[Path], text_field: str) -> Iterator[Chunk]:
-    """The sources' chunks, in the order that decides the store's bytes."""
-    if dataset == "shakespeare":
-        yield from _text_chunks(files, transform=clean_play)
+def read_chunks(dataset: str, corpus: Corpus) -> Iterator[Chunk]:
+    """A corpus's chunks, in the order that decides the store's bytes."""
+    if corpus.hub is not None:
+        yield from _hub_chunks(corpus.hub, corpus.text_field)
         return
-    for path in files:
+    if dataset == "shakespeare":
+        yield from _text_chunks(corpus.files, transform=clean_play)
+        return
+    for path in corpus.files:
         kind = file_kind(path)
         if kind == "text":
             yield from _text_chunks([path])
         elif kind == "jsonl":
-            yield from _jsonl_chunks(path, text_field)
+            yield from _jsonl_chunks(path, corpus.text_field)
         elif kind == "parquet":
-            yield from _parquet_chunks(path, text_field)
+            yield from _parquet_chunks(path, corpus.text_field)
         elif kind == "arrow":
-            yield from _arrow_chunks(path, text_field)
+            yield from _arrow_chunks(path, corpus.text_field)
         else:
-            yield from _saved_chunks(path, text_field)
+            yield from _saved_chunks(path, corpus.text_field)
+
+
+HUB_FIX = ("Check the name (owner/name), hub_config, split and revision of that source, HF_TOKEN for a private "
+           "dataset and HF_ENDPOINT; compute nodes without network: run `hashmoe prepare` where the Hub is reachable")
+
+
+def resolve_hub_commit(hub: HubDataset) -> str:
+    """The commit the asked-for revision points at now: the store reads (and records) exactly that one."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(hub.name, revision=hub.revision or None).sha
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SourceError(hub.origin, f"could not be found ({type(e).__name__}: {first_line})", HUB_FIX,
+                          "data.sources") from None
+
+
+def _hub_chunks(hub: HubDataset, text_field: str) -> Iterator[Chunk]:
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        try:
+            stream = datasets.load_dataset(hub.name, hub.config or None, split=hub.split, streaming=True,
+                                           revision=hub.commit or hub.revision or None)
+        except Exception as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise SourceError(hub.origin, f"could not be opened ({type(e).__name__}: {first_line})", HUB_FIX,
+                              "data.sources") from None
+        columns = list(stream.features or {})
+        if columns and text_field not in columns:
+            raise SourceError(hub.origin, f"has no column {text_field!r} (columns: {', '.join(columns)})",
+                              "Set text_field of that source to the column that holds the text", "data.text_field")
+        texts, size = [], 0
+        for batch in stream.iter(batch_size=1024):
+            for text in batch[text_field]:
+                if text is not None:
+                    texts.append(text)
+                    size += len(text)
+            if size >= CHUNK_BYTES:
+                yield Chunk("texts", texts, hub.origin)
+                texts, size = [], 0
+        if texts:
+            yield Chunk("texts", texts, hub.origin)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _jsonl_documents(chunk: Chunk) -> list[str]:
