@@ -1,6 +1,7 @@
 """Data suite: preparing a corpus into a token store, against a nanoGPT-style baseline and the raw tokenizer.
 
     python -m benchmarks.data [--quick] [--no-write] [--size-mb N]      (or: hashmoe bench --suite data)
+    python -m benchmarks.data --tokenizer-sample [--no-write]         the data.tokenizer_sample_mb table
 
 One generated corpus (Zipf-distributed words, about 7 characters per token, as jsonl shards of documents of
 2-20 KB; 1 GB by default, 20 MB with --quick) and its first tenth (the first of its 10 shards). Each method runs
@@ -14,6 +15,9 @@ memory over its whole process tree (workers included), sampled from /proc every 
   not train one), and a uint16 `np.memmap` filled shard by shard.
 - raw tokenizer: `Tokenizer.encode_batch` (its own threads) over text already in memory (the first 256 MB at
   most): the limit of this machine, reading and writing excluded.
+
+`--tokenizer-sample` measures instead what the BPE sample size costs and buys: training time and peak memory of
+the tokenizer on 16, 64 and 256 MB of the corpus, and the bytes of held-out text per token of each tokenizer.
 
 Then a training rank's anonymous resident memory (RssAnon: its own pages, the mapped store's page-cache pages
 aside) at its peak during 30 steps of a tiny model on each store: it must not grow with the corpus.
@@ -158,10 +162,8 @@ def nanogpt_style(shards: list[str], tokenizer_dir: str, out: str, num_proc: int
     array.flush()
 
 
-def raw_tokenizer(shards: list[str], tokenizer_dir: str, limit_mb: int) -> None:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+def read_texts(shards: list[str], limit_mb: int) -> list[str]:
+    """The documents of the shards, in order, until limit_mb MB of text."""
     texts, size = [], 0
     for shard in shards:
         with open(shard) as f:
@@ -169,21 +171,66 @@ def raw_tokenizer(shards: list[str], tokenizer_dir: str, limit_mb: int) -> None:
                 texts.append(json.loads(line)["text"])
                 size += len(texts[-1])
                 if size >= limit_mb << 20:
-                    break
-        if size >= limit_mb << 20:
-            break
+                    return texts
+    return texts
+
+
+def raw_tokenizer(shards: list[str], tokenizer_dir: str, limit_mb: int) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    texts = read_texts(shards, limit_mb)
+    size = sum(len(t) for t in texts)
     started = time.perf_counter()
     tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
     seconds = time.perf_counter() - started
     print(json.dumps({"mb": size / 2**20, "seconds": seconds, "tokens": tokens}))
 
 
+def train_bpe(shards: list[str], sample_mb: int, out: str) -> None:
+    from trainer.data.tokenization import train_tokenizer
+
+    train_tokenizer(read_texts(shards, sample_mb), 4096).save_pretrained(out)
+
+
+def tokenizer_sample_suite(args) -> Report:
+    from tokenizers import Tokenizer
+
+    sizes, corpus_mb = ((2, 4), 12) if args.quick else ((16, 64, 256), 320)
+    workdir = Path(tempfile.mkdtemp(prefix="hashmoe-bench-bpe-"))
+    try:
+        shards = write_corpus(workdir / "corpus", corpus_mb)
+        held_out = [json.loads(line)["text"] for line in shards[-1].read_text().splitlines()]
+        load_before = wait_until_quiet(args.quick)
+        rows = []
+        for mb in sizes:
+            out = workdir / f"bpe{mb}"
+            result = measure([sys.executable, "-m", "benchmarks.data", "--train-bpe", ",".join(map(str, shards[:-1])),
+                              str(mb), str(out)])
+            tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+            tokens = sum(len(e.ids) for e in tokenizer.encode_batch(held_out, add_special_tokens=False))
+            rows.append([mb, f"{result['seconds']:.1f}", f"{result['peak_mb']:.0f}",
+                         f"{sum(len(t.encode()) for t in held_out) / tokens:.3f}"])
+            print(f"bench: {rows[-1]}", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = Report(f"Data suite: the BPE tokenizer's sample size ({'quick' if args.quick else 'full'})",
+                    args.command, load_before)
+    report.tables.append(markdown_table(["sample MB", "seconds (process start, reading, training, saving)",
+                                         "peak memory MB", "held-out bytes per token (higher: better)"], rows))
+    report.notes.append(f"Vocabulary 4096, the Zipf corpus of this suite ({corpus_mb} MB written; the sample is its "
+                        "first MB, the held-out text its last shard).")
+    return report
+
+
 # ---- the suite ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("--baseline", "--raw"):  # the measured commands themselves
+    if argv and argv[0] in ("--baseline", "--raw", "--train-bpe"):  # the measured commands themselves
         mode, shards, tokenizer_dir, extra = argv[0], argv[1].split(","), argv[2], argv[3]
-        if mode == "--baseline":
+        if mode == "--train-bpe":
+            train_bpe(shards, int(tokenizer_dir), extra)
+        elif mode == "--baseline":
             nanogpt_style(shards, tokenizer_dir, extra, os.cpu_count() or 1)
         else:
             raw_tokenizer(shards, tokenizer_dir, int(extra))
@@ -193,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         at = argv.index("--size-mb")
         size_mb = int(argv[at + 1])
         del argv[at:at + 2]
+    sample_only = "--tokenizer-sample" in argv
+    argv = [a for a in argv if a != "--tokenizer-sample"]
     args = parse_args("data", argv)
+    if sample_only:
+        tokenizer_sample_suite(args).emit(args.write)
+        return 0
     size_mb = 20 if args.quick else size_mb
     cores = os.cpu_count() or 1
     workdir = Path(tempfile.mkdtemp(prefix="hashmoe-bench-data-"))

@@ -152,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark suite (benchmarks/), append it to BENCHMARKS.md",
                                 description="Run one benchmark suite of the repository checkout's benchmarks/ "
                                 "(layer: one FFN sublayer, dense vs MoE vs DeepSpeed's MoE; assign: the BASE "
-                                "solver; train: 2-rank training throughput per router), print its markdown "
-                                "table and append a section to BENCHMARKS.md. See benchmarks/README.md.")
-    bench.add_argument("--suite", default="layer", help="layer (default), model, assign or train")
+                                "solver; train: 2-rank training throughput per router; data: preparing a 1 GB "
+                                "corpus), print its markdown table and append a section to BENCHMARKS.md. See "
+                                "benchmarks/README.md.")
+    bench.add_argument("--suite", default="layer", help="layer (default), model, assign, train or data")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run; implies --no-write")
     bench.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     return parser

@@ -97,12 +97,17 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path, capsys, monkeypa
     assert not (tmp_path / "runs").exists()
 
 
-def test_submit_calls_sbatch_and_says_how_to_follow_the_job(tmp_path, capsys, monkeypatch):
+def fake_sbatch(tmp_path: Path, monkeypatch, answer: str) -> None:
+    """An sbatch on PATH that appends its arguments to tmp_path/sbatch.args and answers `answer`; cwd tmp_path."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake_tool(bin_dir, "sbatch", f'echo "$@" >> {tmp_path}/sbatch.args\necho "4242;cluster"\n')
+    fake_tool(bin_dir, "sbatch", f'echo "$@" >> {tmp_path}/sbatch.args\necho "{answer}"\n')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.chdir(tmp_path)
+
+
+def test_submit_calls_sbatch_and_says_how_to_follow_the_job(tmp_path, capsys, monkeypatch):
+    fake_sbatch(tmp_path, monkeypatch, "4242;cluster")
     assert main(["slurm", TINY_EP2, "--gpus-per-node", "2", "--set", "optim.max_steps=7"]) == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "tiny-ep2"
@@ -123,11 +128,7 @@ def test_submit_calls_sbatch_and_says_how_to_follow_the_job(tmp_path, capsys, mo
 def test_no_preparation_job_when_the_store_exists_or_is_declined(tmp_path, capsys, monkeypatch):
     from trainer.data import prepare_data
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_tool(bin_dir, "sbatch", f'echo "$@" >> {tmp_path}/sbatch.args\necho "77"\n')
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.chdir(tmp_path)
+    fake_sbatch(tmp_path, monkeypatch, "77")
     task = ["--set", "data.dataset=random_walk", "--set", "data.seq_len=64"]
     assert main(["slurm", TINY_EP2, "--gpus-per-node", "2", "--no-prepare-job", *task]) == 0
     prepare_data(load_config(TINY_EP2, task[1::2]).data, load_config(TINY_EP2).run.seed)
