@@ -219,7 +219,7 @@ def tokenizer_sample_suite(args) -> Report:
     report.tables.append(markdown_table(["sample MB", "seconds (process start, reading, training, saving)",
                                          "peak memory MB", "held-out bytes per token (higher: better)"], rows))
     report.notes.append(f"Vocabulary 4096, the Zipf corpus of this suite ({corpus_mb} MB written; the sample is its "
-                        "first MB, the held-out text its last shard).")
+                        "first N MB, the held-out text its last shard).")
     return report
 
 

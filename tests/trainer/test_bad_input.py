@@ -65,6 +65,12 @@ class Ctx:
         config["data"]["train_files"] = [str(f) for f in files]
         return write_config(self.tmp / "run.yaml", config)
 
+    def mixture_config(self, *sources: dict) -> Path:
+        config = base_config(self.tmp / "new-run", self.corpus, self.tmp / "cache")
+        config["data"]["train_files"] = []
+        config["data"]["sources"] = [dict(source, files=[str(self.corpus)]) for source in sources]
+        return write_config(self.tmp / "run.yaml", config)
+
     def copy_run(self) -> tuple[Path, Path]:
         """A copy of the trained run and its config (the same one it was trained with)."""
         run_dir = self.tmp / "trained"
@@ -188,6 +194,10 @@ CASES = [
         c.text("docs.jsonl", b'{"body": "the king"}\n{"body": "the queen"}\n')))), "data.text_field", "body"),
     ("truncated-gz-shard", lambda c: Case(train(c.files_config(c.corpus, c.text(
         "cut.jsonl.gz", gzip.compress(b'{"text": "the king"}\n' * 500)[:60])))), "data.train_files", "cut.jsonl.gz"),
+    ("mixture-zero-weight", lambda c: Case(train(c.mixture_config({"weight": 1.0}, {"weight": 0}))),
+     "data.sources[1].weight", "positive weight"),
+    ("mixture-some-weights", lambda c: Case(train(c.mixture_config({"weight": 2.0}, {"name": "b"}))),
+     "data.sources", "weights are given for some sources but not for data.sources[1]"),
     ("jsonl-line-not-json", lambda c: Case(train(c.files_config(c.corpus, c.text(
         "docs.jsonl", b'{"text": "the king"}\n{"text": \n')))), "data.train_files", "docs.jsonl, line 2"),
     ("prepare-latin-1-text", lambda c: Case(["prepare", str(c.files_config(
