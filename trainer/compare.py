@@ -216,6 +216,10 @@ def differing_keys(runs: list[RunSummary]) -> list[str]:
 def fmt_value(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "weight" in v for v in value):
+        weights = [v["weight"] if v["weight"] is not None else 1.0 for v in value]  # a data mixture: its shares
+        return "+".join(f"{v.get('name') or f'source{i}'}:{w / sum(weights):.3g}"
+                        for i, (v, w) in enumerate(zip(value, weights)))
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 

@@ -294,3 +294,12 @@ def test_a_key_only_some_runs_have_is_a_difference_unless_pruning_explains_it(tm
     assert "`model.recurrence.kind`" in keys and "`model.router`" not in keys  # dense lacks router: pruned
     labels = list(table(text))
     assert len(set(labels)) == 3, labels
+
+
+def test_a_data_mixture_is_labelled_by_its_shares():
+    from trainer.compare import fmt_value
+
+    mixture = [{"files": ["a/*.jsonl"], "weight": 3.0, "name": "books"}, {"files": ["b/"], "weight": 1.0, "name": ""}]
+    assert fmt_value(mixture) == "books:0.75+source1:0.25"
+    assert fmt_value([{"files": ["a"], "weight": None}, {"files": ["b"], "weight": None}]) == "source0:0.5+source1:0.5"
+    assert fmt_value([1, 3]) == "[1, 3]"
