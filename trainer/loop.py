@@ -133,23 +133,36 @@ def on_rank0(env: ProcessEnv, work):
 
 def prepare_on_rank0(config: RunConfig, env: ProcessEnv) -> PreparedData:
     """Rank 0 opens the data store, or builds it while the other ranks wait on the file system, reading its
-    heartbeat, not at a collective whose timeout would end the job during a long preparation. Then every rank
-    says whether it has the data: one error (rank 0's own first, else the first rank's that failed, such as a
+    heartbeat, not at a collective whose timeout would end the job during a long preparation. Every rank reads
+    the store rank 0 names (a node whose copies of the files differ in mtime still reads rank 0's). Then every
+    rank says whether it has the data: one error (rank 0's own first, else the first failing rank's, such as a
     store rank 0 found but another rank cannot see) is printed once and every rank exits with it."""
-    paths = store_paths(config.data, config.run.seed)
-    failure_before = paths.failure()  # read before rank 0 may start a build that replaces it
-    present = on_rank0(env, paths.complete)
+    from trainer.data.store import StorePaths
+
     data, error = None, None
+    target, failure_before, present = None, None, False
     try:
         if env.is_main:
-            data = prepare_data(config.data, config.run.seed, config.run_dir, progress=config.logging.progress)
-        else:
-            data = prepare_data(config.data, config.run.seed, None, is_main=False, wait=not present,
-                                failure_before=failure_before)
-    except UserError as err:
-        error = (err.key, err.problem, err.fix)
+            paths = store_paths(config.data, config.run.seed)
+            target, present = str(paths.target), paths.complete()
+    except Exception as err:  # noqa: BLE001 - any failure must reach the all_gather below, or the others wait
+        error = describe_failure(err)
+    box = [(target, present)]
+    dist.broadcast_object_list(box, src=0)
+    target, present = box[0]
+    try:
+        if target is not None:
+            paths = StorePaths(Path(target))
+            failure_before = paths.failure()  # read before rank 0 may start a build that replaces it
+            if env.is_main:
+                data = prepare_data(config.data, config.run.seed, config.run_dir, progress=config.logging.progress)
+            else:
+                data = prepare_data(config.data, config.run.seed, None, is_main=False, wait=not present,
+                                    failure_before=failure_before, paths=paths)
+    except Exception as err:  # noqa: BLE001 - as above
+        error = describe_failure(err)
         if env.is_main and not present:
-            paths.record_failure(f"{err.key}: {err.problem}")  # the waiting ranks stop waiting
+            paths.record_failure(f"{error[0]}: {error[1]}")  # the waiting ranks stop waiting
     errors = [None] * env.world_size
     dist.all_gather_object(errors, error)
     failed = [(rank, found) for rank, found in enumerate(errors) if found is not None]
@@ -157,6 +170,16 @@ def prepare_on_rank0(config: RunConfig, env: ProcessEnv) -> PreparedData:
         rank, (key, problem, fix) = failed[0]
         raise UserError(key, problem + (f" (on rank {rank})" if rank else ""), fix, all_ranks=True)
     return data
+
+
+def describe_failure(err: Exception) -> tuple[str, str, str]:
+    if isinstance(err, UserError):
+        return err.key, err.problem, err.fix
+    if os.environ.get("HASHMOE_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exc()
+    return "data", f"preparing the data failed: {type(err).__name__}: {err}", "Run with --debug for the traceback"
 
 
 class StopRequest:

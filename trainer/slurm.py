@@ -245,7 +245,8 @@ def submit(job: RenderedJob, run=subprocess.run, environ=None,
     if prepare is not None:
         prepare[1].write_text(prepare[0])
         prepare_id = sbatch_script(sbatch, prepare[1], [], run, environ)
-        dependency = [f"--dependency=afterok:{prepare_id}"]
+        # a failed preparation cancels the training job (else it would stay pending, DependencyNeverSatisfied)
+        dependency = [f"--dependency=afterok:{prepare_id}", "--kill-on-invalid-dep=yes"]
     return sbatch_script(sbatch, job.script_path, dependency, run, environ), prepare_id
 
 

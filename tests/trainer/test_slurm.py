@@ -117,7 +117,7 @@ def test_submit_calls_sbatch_and_says_how_to_follow_the_job(tmp_path, capsys, mo
     # no token store yet (data_cache/ here is empty): the preparation job first, training waits for it
     assert [line.split() for line in (tmp_path / "sbatch.args").read_text().splitlines()] == [
         ["--parsable", str(run_dir / "slurm" / "prepare.sbatch")],
-        ["--parsable", "--dependency=afterok:4242", str(run_dir / "slurm" / "job.sbatch")]]
+        ["--parsable", "--dependency=afterok:4242", "--kill-on-invalid-dep=yes", str(run_dir / "slurm" / "job.sbatch")]]
     assert "job 4242 (8 CPUs) prepares it" in out
     prepare_script = (run_dir / "slurm" / "prepare.sbatch").read_text()
     assert "#SBATCH --cpus-per-task=8" in prepare_script and "gpus" not in prepare_script

@@ -216,6 +216,10 @@ class SplitWriter:
         self.offsets = ArrayWriter(staging / f"{name}_docs.bin", np.uint64)
         self.eos, self.documents = eos, 0
 
+    def extend(self, tokens: np.ndarray) -> None:
+        """More tokens of the last document (its next piece): no EOS, no new offset."""
+        self.tokens.append(tokens)
+
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Append documents (their tokens back to back); returns what was written, separators included."""
         if len(lengths) == 0:
@@ -274,18 +278,24 @@ def _result(value):
 
 def _tokenizer_sample(chunks, fraction: Fraction, limit_bytes: int) -> list[str]:
     """The first `limit_bytes` of training documents (the validation documents skipped, so nothing of them
-    leaks into the tokenizer)."""
+    leaks into the tokenizer; a document that would pass the limit is cut there)."""
     sample, size, index = [], 0, 0
     for chunk in chunks:
         docs = chunk_documents(chunk)
+        continued = chunk.continues and index > 0 and not is_valid_document(np.array([index - 1]), fraction)[0]
+        if chunk.continues:  # the rest of the previous document: its split, not a new document
+            docs, first = docs[1:], docs[:1] if continued else []
+        else:
+            first = []
         held_out = is_valid_document(np.arange(index, index + len(docs)), fraction)
         index += len(docs)
-        for doc, valid in zip(docs, held_out):
-            if not valid:
-                sample.append(doc)
-                size += len(doc.encode())
-                if size >= limit_bytes:
-                    return sample
+        for doc in first + [d for d, valid in zip(docs, held_out) if not valid]:
+            encoded = doc.encode()
+            if size + len(encoded) >= limit_bytes:
+                sample.append(encoded[: limit_bytes - size].decode(errors="ignore"))
+                return sample
+            sample.append(doc)
+            size += len(encoded)
     return sample
 
 
@@ -309,7 +319,8 @@ def _train_tokenizer_on_samples(cfg: DataConfig, parts: list[Corpus], fraction: 
     return train_tokenizer(sample, cfg.vocab_size)  # on training documents only: no valid leakage
 
 
-def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progress: dict, show: bool) -> None:
+def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progress: dict, show: bool,
+                     fingerprint: str) -> None:
     started = time.perf_counter()
     fraction = Fraction(cfg.valid_fraction).limit_denominator(1 << 20)
     try:
@@ -332,7 +343,13 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
         for part in parts:
             index, start = 0, splits["train"].tokens.length + (splits["train"].documents > 0)  # after the EOS
             chunks = read_chunks(cfg.dataset, part)
-            for tokens, lengths, size in _encoded_chunks(chunks, tokenizer_json, dtype, workers):
+            for tokens, lengths, size, continues in _encoded_chunks(chunks, tokenizer_json, dtype, workers):
+                if continues and index:  # the next piece of the last document: appended to it, in its split
+                    split = "valid" if is_valid_document(np.array([index - 1]), fraction)[0] else "train"
+                    piece, tokens, lengths = tokens[:lengths[0]], tokens[lengths[0]:], lengths[1:]
+                    splits[split].extend(piece)
+                    if split == "train":
+                        counts += np.bincount(piece, minlength=vocab)
                 held_out = is_valid_document(np.arange(index, index + len(lengths)), fraction)  # per corpus
                 index += len(lengths)
                 per_token = np.repeat(held_out, lengths)
@@ -346,7 +363,7 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
                 progress.update(text_mb=text_bytes / 2**20, tokens=tokens_so_far)
             if index < 2:
                 where = f" in data.sources {part.name}" if cfg.sources else ""
-                raise UserError("data.train_files", f"found {index} non-empty document(s){where}; at least 2 are "
+                raise UserError("data.sources" if cfg.sources else "data.train_files", f"found {index} non-empty document(s){where}; at least 2 are "
                                 "needed (one is held out for validation)", "Add documents: each .txt or .md file is "
                                 "one document, each .jsonl/.parquet/.arrow record is one")
             ranges.append([start, splits["train"].tokens.length])
@@ -361,7 +378,7 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
         writer = ArrayWriter(staging / f"{name}.bin", np.int64)
         writer.append(values)
         arrays[name] = writer.close()
-    manifest = {"format": STORE_FORMAT, "fingerprint": staging.name.removesuffix(".staging"), "kind": "text",
+    manifest = {"format": STORE_FORMAT, "fingerprint": fingerprint, "kind": "text",
                 "vocab_size": vocab, "eos_token_id": eos, "arrays": arrays, "text_bytes": text_bytes,
                 "documents": {name: split.documents for name, split in splits.items()},
                 "tokens": {name: split.tokens.length for name, split in splits.items()},
@@ -374,7 +391,7 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
                                        "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def build_task_store(cfg: DataConfig, seed: int, staging: Path, progress: dict) -> None:
+def build_task_store(cfg: DataConfig, seed: int, staging: Path, progress: dict, fingerprint: str) -> None:
     started = time.perf_counter()
     progress["stage"] = "generating episodes"
     tensors = build_task(cfg, seed)
@@ -389,7 +406,7 @@ def build_task_store(cfg: DataConfig, seed: int, staging: Path, progress: dict) 
                              dtype if key.endswith("_blocks") else np.int64 if key == "token_counts" else np.int32)
         writer.append(tensor.flatten().numpy())
         arrays[name] = writer.close()
-    manifest = {"format": STORE_FORMAT, "fingerprint": staging.name.removesuffix(".staging"), "kind": "task",
+    manifest = {"format": STORE_FORMAT, "fingerprint": fingerprint, "kind": "task",
                 "task": cfg.dataset, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "arrays": arrays,
                 "seq_len": cfg.seq_len, "blocks": {"train": cfg.task_examples, "valid": cfg.task_valid_examples}}
     write_manifest(staging, manifest, {"seconds": time.perf_counter() - started, "workers": 1,
@@ -432,15 +449,17 @@ def open_prepared(store: Store, cfg: DataConfig) -> PreparedData:
 
 
 def prepare_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, is_main: bool = True,
-                 wait: bool = False, failure_before: str | None = None, progress: bool = False) -> PreparedData:
+                 wait: bool = False, failure_before: str | None = None, progress: bool = False,
+                 paths: StorePaths | None = None) -> PreparedData:
     """The prepared data of `cfg`, from its store in `cfg.cache_dir`, built first if it is missing.
 
     The main rank (or a single process) builds a missing store, or waits while another process builds it.
     Other ranks never write: with `wait` they wait for the main rank's build on the file system (reading its
     heartbeat; `failure_before` is the failure marker's content before that build began), else a missing store
     is an error (the cache folder is not shared). The main rank copies the tokenizer to `run_dir/tokenizer`;
-    tokenizer_dir points there whenever that copy exists."""
-    paths = store_paths(cfg, seed)
+    tokenizer_dir points there whenever that copy exists. `paths`: the store another rank named (default: this
+    config's)."""
+    paths = paths or store_paths(cfg, seed)
     start = time.perf_counter()
     if paths.complete():
         log.info("data: store %s", paths.target)
@@ -448,19 +467,23 @@ def prepare_data(cfg: DataConfig, seed: int, run_dir: Path | None = None, *, is_
         parts = corpora(cfg)
         log.info("data: preparing %s into %s", cfg.dataset, paths.target)
         if cfg.dataset in TASKS:
-            build_once(paths, lambda staging, beat: build_task_store(cfg, seed, staging, beat), cfg.prepare_timeout_s)
+            build_once(paths, lambda staging, beat: build_task_store(cfg, seed, staging, beat, paths.target.name),
+                       cfg.prepare_timeout_s)
         else:
-            build_once(paths, lambda staging, beat: build_text_store(cfg, parts, staging, beat, progress),
+            build_once(paths, lambda staging, beat: build_text_store(cfg, parts, staging, beat, progress,
+                                                                    paths.target.name),
                        cfg.prepare_timeout_s)
     elif wait:
-        status = wait_for_store(paths, cfg.prepare_timeout_s, failure_before, "this rank")
+        # Twice the builder's patience: rank 0 takes over a stale build left by a killed job after
+        # prepare_timeout_s, and its new heartbeat must reach the waiting ranks before they give up.
+        status = wait_for_store(paths, 2 * cfg.prepare_timeout_s, failure_before, "this rank", dead_pid_stops=False)
         if status.startswith("failed"):
             raise UserError("data", f"rank 0 could not prepare the data store: {status[8:]}", "See rank 0's error",
                             all_ranks=True)
         if status != "complete":
             problem = ("no heartbeat of rank 0's preparation appeared" if status == "absent"
                        else "rank 0's preparation stopped (its heartbeat did not change)")
-            raise UserError("data.cache_dir", f"{problem} within data.prepare_timeout_s={cfg.prepare_timeout_s} s "
+            raise UserError("data.cache_dir", f"{problem} within 2 x data.prepare_timeout_s={cfg.prepare_timeout_s} s "
                             f"at {paths.staging}", "Put data.cache_dir on a file system shared by all nodes, or "
                             "run `hashmoe prepare RUN.yaml` before training")
     else:

@@ -40,6 +40,7 @@ class Chunk:
     origin: str  # where it came from, for error messages: "FILE" or "FILE, lines N-M"
     text_field: str = "text"
     first_line: int = 1  # jsonl: the line number of the payload's first line in its file
+    continues: bool = False  # texts: the first one is the next piece of the previous chunk's last document
 
 
 @dataclass
@@ -214,19 +215,43 @@ def _read_whole(path: Path) -> str:
     return _decode(data, str(path))
 
 
+# Where a long document may be cut: after a newline that starts a line of text. The byte-level pre-tokenizer
+# splits there anyway ("\n" is a pre-token of its own when a non-space follows), so the pieces' tokens are the
+# whole document's (tested); a tokenizer that prefixes each text with a space may differ at the cuts.
+_CUT = re.compile(r"\n(?=\S)")
+
+
+def document_pieces(text: str, limit: int) -> list[str]:
+    """A document in pieces of about `limit` characters (one piece when it is shorter, or has no cut point)."""
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        cut = _CUT.search(text, start + limit)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.end()])
+        start = cut.end()
+    return pieces + [text[start:]]
+
+
 def _text_chunks(files: list[Path], transform=None) -> Iterator[Chunk]:
-    """One document per file; files are grouped into chunks of about CHUNK_BYTES."""
+    """One document per file; files are grouped into chunks of about CHUNK_BYTES, and a document longer than
+    that is cut into pieces (each starting a chunk marked `continues`), so no worker holds a whole large file."""
     texts: list[str] = []
-    size, first = 0, None
+    size, first, continues = 0, None, False
     for path in files:
         text = _read_whole(path)
-        texts.append(transform(text) if transform else text)
-        size, first = size + len(text), first or path
-        if size >= CHUNK_BYTES:
-            yield Chunk("texts", texts, f"{first} .. {path}")
-            texts, size, first = [], 0, None
+        for number, piece in enumerate(document_pieces(transform(text) if transform else text, CHUNK_BYTES)):
+            if number and texts:  # a continuation starts a chunk of its own
+                yield Chunk("texts", texts, f"{first} .. {path}", continues=continues)
+                texts, size, first = [], 0, None
+            continues = continues if texts else number > 0
+            texts.append(piece)
+            size, first = size + len(piece), first or path
+            if size >= CHUNK_BYTES:
+                yield Chunk("texts", texts, f"{first} .. {path}", continues=continues)
+                texts, size, first = [], 0, None
     if texts:
-        yield Chunk("texts", texts, f"{first} .. {files[-1]}")
+        yield Chunk("texts", texts, f"{first} .. {files[-1]}", continues=continues)
 
 
 def _jsonl_chunks(path: Path, text_field: str) -> Iterator[Chunk]:
@@ -331,11 +356,16 @@ def read_chunks(dataset: str, corpus: Corpus) -> Iterator[Chunk]:
     if dataset == "shakespeare":
         yield from _text_chunks(corpus.files, transform=clean_play)
         return
+    texts: list[Path] = []  # consecutive text files share chunks (a million small files: not a million tasks)
     for path in corpus.files:
         kind = file_kind(path)
         if kind == "text":
-            yield from _text_chunks([path])
-        elif kind == "jsonl":
+            texts.append(path)
+            continue
+        if texts:
+            yield from _text_chunks(texts)
+            texts = []
+        if kind == "jsonl":
             yield from _jsonl_chunks(path, corpus.text_field)
         elif kind == "parquet":
             yield from _parquet_chunks(path, corpus.text_field)
@@ -343,6 +373,8 @@ def read_chunks(dataset: str, corpus: Corpus) -> Iterator[Chunk]:
             yield from _arrow_chunks(path, corpus.text_field)
         else:
             yield from _saved_chunks(path, corpus.text_field)
+    if texts:
+        yield from _text_chunks(texts)
 
 
 HUB_FIX = ("Check the name (owner/name), hub_config, split and revision of that source, HF_TOKEN for a private "
@@ -380,6 +412,9 @@ def _hub_chunks(hub: HubDataset, text_field: str) -> Iterator[Chunk]:
                               "Set text_field of that source to the column that holds the text", "data.text_field")
         texts, size = [], 0
         for batch in stream.iter(batch_size=1024):
+            if text_field not in batch:
+                raise SourceError(hub.origin, f"has no column {text_field!r} (columns: {', '.join(batch)})",
+                                  "Set text_field of that source to the column that holds the text", "data.text_field")
             for text in batch[text_field]:
                 if text is not None:
                     texts.append(text)
@@ -397,7 +432,8 @@ def _hub_chunks(hub: HubDataset, text_field: str) -> Iterator[Chunk]:
 def _jsonl_documents(chunk: Chunk) -> list[str]:
     text = _decode(chunk.payload, chunk.origin)
     docs = []
-    for number, line in enumerate(text.splitlines(), start=chunk.first_line):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028, \x85 and the like unescaped
+    for number, line in enumerate(text.split("\n"), start=chunk.first_line):
         if not line.strip():
             continue
         path = chunk.origin.split(", lines")[0]
@@ -419,7 +455,8 @@ def _jsonl_documents(chunk: Chunk) -> list[str]:
 
 
 def chunk_documents(chunk: Chunk) -> list[str]:
-    """The documents of a chunk, in order: records without text (empty, blank, null) are no documents."""
+    """The documents of a chunk, in order: records without text (empty, blank, null) are no documents (the first
+    text of a `continues` chunk stays, whatever it holds: it is the rest of a document)."""
     texts = _jsonl_documents(chunk) if chunk.kind == "jsonl" else chunk.payload
-    return [t for t in texts if t and t.strip()]
+    return [t for i, t in enumerate(texts) if (chunk.continues and i == 0) or (t and t.strip())]
 

@@ -8,12 +8,15 @@ every rank.
         token_counts.bin                 int64 [vocab]: unigram counts of the training stream (balanced hash)
         build.json                       how it was built (seconds, workers, host): the one file that varies
         tokenizer/
-    DATA_CACHE/<fingerprint>.staging/    being built, with heartbeat.json rewritten every HEARTBEAT_S seconds
+    DATA_CACHE/<fingerprint>.staging/    the lock: being built, with heartbeat.json rewritten every HEARTBEAT_S
+                                         seconds, the store itself in build-<id>/ (this build's own folder)
     DATA_CACHE/<fingerprint>.failed.json the last failed build's error, for the ranks that wait for it
 
 One builder at a time: taking the build is `mkdir` of the staging folder (atomic, also on NFS); whoever finds it
 taken waits for the store, reading the heartbeat, and takes over a staging folder whose builder is gone (its
-heartbeat stopped, or its process is dead on this host). Nothing reads a store before its rename."""
+heartbeat stopped, or its process is dead on this host). Each build writes into its own build-<id>/ folder and
+renames that one into place, so a builder wrongly judged gone (a suspended job, a stalled file system) finds its
+folder deleted and fails, and never renames a half store into place. Nothing reads a store before its rename."""
 
 from __future__ import annotations
 
@@ -74,15 +77,17 @@ class Heartbeat:
     """The builder's sign of life: STAGING/heartbeat.json, rewritten every HEARTBEAT_S seconds with its
     progress, by a thread (a long tokenizer training or a slow file system read does not stop it)."""
 
-    def __init__(self, staging: Path):
-        self.path, self.progress = staging / HEARTBEAT, {"stage": "starting"}
-        self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "build": uuid.uuid4().hex}
+    def __init__(self, staging: Path, build_dir: Path):
+        self.path, self.build_dir, self.progress = staging / HEARTBEAT, build_dir, {"stage": "starting"}
+        self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "build": build_dir.name}
         self._stop = threading.Event()
         self._beat()
         self._thread = threading.Thread(target=self._run, name="hashmoe-store-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
+        if not self.build_dir.is_dir():  # taken over: the lock folder is another build's now
+            return
         with contextlib.suppress(OSError):
             write_text_atomic(self.path, json.dumps({**self.identity, "time": time.time(), **self.progress}))
 
@@ -93,8 +98,6 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
 
 
 @dataclass
@@ -145,10 +148,13 @@ def _describe_heartbeat(beat: dict | None) -> str:
     return f"{beat['host']} pid {beat['pid']}: {beat.get('stage', '?')}{done}"
 
 
-def wait_for_store(paths: StorePaths, timeout_s: float, failure_before: str | None, who: str) -> str:
+def wait_for_store(paths: StorePaths, timeout_s: float, failure_before: str | None, who: str,
+                   dead_pid_stops: bool = True) -> str:
     """Wait until the store is complete; "complete", "failed: MESSAGE" (a failure that appeared while
     waiting), "stopped" (the heartbeat stopped changing for timeout_s, or its process is dead on this host) or
-    "absent" (no staging folder appeared within timeout_s). Says every WAIT_REPORT_S what it waits for."""
+    "absent" (no staging folder appeared within timeout_s). Says every WAIT_REPORT_S what it waits for.
+    `dead_pid_stops` False: a dead builder is no reason to stop (a rank waiting for rank 0, which may be about to
+    take over that builder's folder: the heartbeat changes then)."""
     start = last_report = last_change = time.monotonic()
     seen, host = None, socket.gethostname()
     while True:
@@ -161,7 +167,7 @@ def wait_for_store(paths: StorePaths, timeout_s: float, failure_before: str | No
         now = time.monotonic()
         if beat is not None and beat != seen:
             seen, last_change = beat, now
-        if beat is not None and beat.get("host") == host and not pid_alive(beat.get("pid", -1)):
+        if dead_pid_stops and beat is not None and beat.get("host") == host and not pid_alive(beat.get("pid", -1)):
             return "stopped"
         if now - last_change > timeout_s:
             return "stopped" if seen is not None or paths.staging.exists() else "absent"
@@ -180,7 +186,10 @@ def _failure_error(paths: StorePaths, status: str) -> UserError:
 def build_once(paths: StorePaths, build, timeout_s: float) -> bool:
     """Make sure the store exists: build it with `build(staging, progress_dict)` unless it is complete, or another
     process builds it (then wait). True if this process built it."""
-    paths.target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        paths.target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(paths, err) from None
     while not paths.complete():
         try:
             paths.staging.mkdir()
@@ -197,22 +206,39 @@ def build_once(paths: StorePaths, build, timeout_s: float) -> bool:
                           file=sys.stderr, flush=True)
                 shutil.rmtree(aside, ignore_errors=True)
             continue
+        except OSError as err:
+            raise _unwritable(paths, err) from None
+        if paths.target.exists():  # a folder without a manifest (an interrupted delete): not a store, put aside
+            aside = paths.target.with_name(f"{paths.target.name}.incomplete-{uuid.uuid4().hex[:8]}")
+            os.rename(paths.target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
         _build_in(paths, build)
         return True
     return False
+
+
+def _unwritable(paths: StorePaths, err: OSError) -> UserError:
+    return UserError("data.cache_dir", f"cannot create the data store under {paths.target.parent} "
+                     f"({err.strerror or err})", "Point data.cache_dir at a folder you can write (shared by the nodes)")
 
 
 def _build_in(paths: StorePaths, build) -> None:
     with contextlib.suppress(FileNotFoundError):
         paths.failed.unlink()
     paths.staging.chmod(0o755)
-    heartbeat = Heartbeat(paths.staging)
+    build_dir = paths.staging / f"build-{uuid.uuid4().hex[:12]}"
+    build_dir.mkdir(mode=0o755)
+    heartbeat = Heartbeat(paths.staging, build_dir)
     try:
-        build(paths.staging, heartbeat.progress)
+        build(build_dir, heartbeat.progress)
         heartbeat.stop()
-        os.rename(paths.staging, paths.target)
+        os.rename(build_dir, paths.target)  # fails if this build was taken over: its folder is gone
+        _release(paths, build_dir)
     except BaseException as err:
         heartbeat.stop()
+        shutil.rmtree(build_dir, ignore_errors=True)
+        if not _release(paths, build_dir):  # taken over meanwhile: the lock and its news are another build's
+            raise
         if isinstance(err, UserError):
             message = f"{err.key}: {err.problem}. {err.fix}"
         elif isinstance(err, KeyboardInterrupt):
@@ -220,11 +246,19 @@ def _build_in(paths: StorePaths, build) -> None:
         else:
             message = f"{type(err).__name__}: {err}"
         paths.record_failure(message)
-        shutil.rmtree(paths.staging, ignore_errors=True)
         if isinstance(err, OSError) and err.errno == 28:  # ENOSPC
             raise UserError("data.cache_dir", f"the disk holding {paths.target.parent} is full (nothing of the "
                             "store was kept)", "Free space there, or point data.cache_dir at a larger disk") from None
         raise
+
+
+def _release(paths: StorePaths, build_dir: Path) -> bool:
+    """Remove the lock folder if it is still this build's (its heartbeat names the build); True if it was."""
+    beat = paths.heartbeat()
+    if beat is None or beat.get("build") != build_dir.name:
+        return False
+    shutil.rmtree(paths.staging, ignore_errors=True)
+    return True
 
 
 def write_manifest(staging: Path, manifest: dict, build_info: dict) -> None:

@@ -7,6 +7,7 @@ of documents into token arrays; they import no torch (a spawned worker pays for 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ def load_tokenizer(folder: str):
 
 
 class ChunkEncoder:
-    """Documents of a chunk -> (tokens of all of them back to back, tokens per document, text bytes read).
+    """Documents of a chunk -> (tokens of all of them back to back, tokens per document, text bytes read, whether
+    the first one continues the previous chunk's last document).
     No BOS/EOS of the tokenizer's own: the store puts EOS between documents."""
 
     def __init__(self, tokenizer_json: str, dtype: str):
@@ -75,14 +77,14 @@ class ChunkEncoder:
 
         self.tokenizer, self.dtype = Tokenizer.from_file(tokenizer_json), np.dtype(dtype)
 
-    def __call__(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray, int]:
+    def __call__(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray, int, bool]:
         docs = chunk_documents(chunk)
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)  # no offsets: faster
         encodings = encode(docs, add_special_tokens=False)
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         tokens = np.fromiter((i for e in encodings for i in e.ids), dtype=self.dtype, count=int(lengths.sum()))
         size = len(chunk.payload) if chunk.kind == "jsonl" else sum(len(t) for t in chunk.payload)
-        return tokens, lengths, size
+        return tokens, lengths, size, chunk.continues
 
 
 _worker_encoder: ChunkEncoder | None = None
@@ -92,6 +94,10 @@ def init_worker(tokenizer_json: str, dtype: str) -> None:
     global _worker_encoder
     # One process per core already: the tokenizer's own threads would only contend with the other workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C and scancel's SIGTERM are the main process's to handle (it stops the pool and cleans up): a worker
+    # killed by them would read as a crashed worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _worker_encoder = ChunkEncoder(tokenizer_json, dtype)
 
 

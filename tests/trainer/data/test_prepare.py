@@ -373,3 +373,23 @@ def test_bad_mixtures_name_the_source(tmp_path, sources, key):
 def test_a_mixture_and_train_files_together_are_refused(tmp_path, corpus):
     cfg = mixture_config(tmp_path, [{"files": [str(corpus[1])]}], train_files=[str(corpus[1])])
     assert error_key(cfg).key == "data.sources"
+
+
+def test_a_long_document_is_tokenized_in_pieces_with_the_tokens_of_the_whole(tmp_path, monkeypatch):
+    docs = make_docs(3, seed=7)
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    big = "doc001x " + "\n".join(("  " if i % 7 == 0 else "") + line for i, line in enumerate(lines))
+    for name, text in (("a.txt", docs[0]), ("b.txt", big), ("c.txt", docs[2])):
+        (tmp_path / name).write_text(text)
+    files = [str(tmp_path / "*.txt")]
+    whole = prepare(files_config(tmp_path, files, valid_fraction=0.3, cache_dir=str(tmp_path / "whole")))
+    for module in (sources_module, prepare_module):
+        monkeypatch.setattr(module, "CHUNK_BYTES", 4096)  # the 60 KB document: about 15 pieces
+    assert len(sources_module.document_pieces(big, 4096)) > 10
+    pieces = prepare(files_config(tmp_path, files, valid_fraction=0.3, num_proc=2, cache_dir=str(tmp_path / "cut")))
+    for name in ("train.bin", "valid.bin", "train_docs.bin", "valid_docs.bin", "token_counts.bin",
+                 "tokenizer/tokenizer.json"):
+        assert (whole.store_dir / name).read_bytes() == (pieces.store_dir / name).read_bytes(), name
+    manifest = json.loads((pieces.store_dir / "manifest.json").read_text())
+    assert manifest["documents"] == {"train": 2, "valid": 1}

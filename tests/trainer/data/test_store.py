@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from trainer.data.store import HEARTBEAT, MANIFEST, StorePaths, build_once, fail
 
 def slow_build(staging: Path, progress: dict) -> None:
     """A build that takes a while and leaves a trace of who ran it."""
-    with open(staging.parent / "builders.log", "a") as log:
+    with open(staging.parent.parent / "builders.log", "a") as log:  # staging: LOCK/build-ID
         log.write(f"{staging.name}\n")
     progress["stage"] = "slow"
     time.sleep(1.5)
@@ -98,3 +99,26 @@ def test_an_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
     assert failure_message(paths.failure()) == "interrupted (Ctrl-C)"
     assert build_once(paths, lambda staging, progress: (staging / MANIFEST).write_text("{}"), timeout_s=5)
     assert paths.complete() and paths.failure() is None
+
+
+def test_a_build_taken_over_midway_never_renames_its_half_store(tmp_path):
+    paths = StorePaths(tmp_path / "abc")
+
+    def taken_over(build_dir: Path, progress: dict) -> None:
+        (build_dir / MANIFEST).write_text("{}")  # looks complete, but another process took the lock meanwhile:
+        os.rename(paths.staging, tmp_path / "abandoned")  # what build_once does to a builder it judged gone
+        paths.staging.mkdir()
+        (paths.staging / HEARTBEAT).write_text(json.dumps({"host": "elsewhere", "pid": 1, "build": "build-new"}))
+
+    with pytest.raises(FileNotFoundError):
+        build_once(paths, taken_over, timeout_s=5)
+    assert not paths.target.exists() and paths.failure() is None  # nothing renamed into place, no false news
+    assert json.loads((paths.staging / HEARTBEAT).read_text())["build"] == "build-new"  # the new lock untouched
+
+
+def test_a_target_folder_without_manifest_is_put_aside_before_building(tmp_path):
+    paths = StorePaths(tmp_path / "abc")
+    paths.target.mkdir()
+    (paths.target / "train.bin").write_bytes(b"left by an interrupted delete")
+    assert build_once(paths, lambda build_dir, progress: (build_dir / MANIFEST).write_text("{}"), timeout_s=5)
+    assert sorted(p.name for p in paths.target.iterdir()) == [MANIFEST] and [p.name for p in tmp_path.iterdir()] == ["abc"]
