@@ -152,6 +152,15 @@ class RenderedJob:
     snapshot_text: str
 
 
+def hashmoe_command(request: SlurmRequest) -> str:
+    """What runs hashmoe on the compute nodes: --hashmoe, else this Python with the checkout's trainer."""
+    return request.hashmoe or f"{shlex.quote(sys.executable)} -m trainer.cli"
+
+
+def site_setup(request: SlurmRequest) -> str:
+    return "\n".join(request.setup) if request.setup else "# (none: pass --setup 'module load ...')"
+
+
 def render(config: RunConfig, request: SlurmRequest, workdir: Path | None = None) -> RenderedJob:
     workdir = (workdir or Path.cwd()).resolve()
     run_dir = (workdir / config.run_dir).resolve()
@@ -159,7 +168,7 @@ def render(config: RunConfig, request: SlurmRequest, workdir: Path | None = None
     snapshot = log_dir / "run.yaml"
     resolved = config.to_dict()
     resolved["run"]["output_dir"] = str(run_dir)
-    hashmoe = request.hashmoe or f"{shlex.quote(sys.executable)} -m trainer.cli"
+    hashmoe = hashmoe_command(request)
     sbatch = [f"--job-name={job_name(config)}", f"--nodes={request.nodes}",
               f"--ntasks-per-node={request.tasks_per_node}"]
     if request.gpus_per_node:
@@ -175,7 +184,7 @@ def render(config: RunConfig, request: SlurmRequest, workdir: Path | None = None
         "error": shlex.quote(str(log_dir / "%j.err")),
         "signal_seconds": str(request.signal_seconds),
         "workdir": shlex.quote(str(workdir)),
-        "site_setup": "\n".join(request.setup) if request.setup else "# (none: pass --setup 'module load ...')",
+        "site_setup": site_setup(request),
         "srun_args": request.srun_args.strip(),
         "train_command": f"{hashmoe} train {shlex.quote(str(snapshot))}"
                          + (" --allow-config-change" if request.allow_config_change else ""),
@@ -196,7 +205,7 @@ def render_prepare(config: RunConfig, request: SlurmRequest, job: RenderedJob,
                    workdir: Path | None = None) -> tuple[str, Path]:
     """The data preparation job (one task, CPUs only) for the same config snapshot: (script, its path)."""
     workdir = (workdir or Path.cwd()).resolve()
-    hashmoe = request.hashmoe or f"{shlex.quote(sys.executable)} -m trainer.cli"
+    hashmoe = hashmoe_command(request)
     sbatch = [f"--job-name=prep-{job_name(config)}"[:64], "--nodes=1", "--ntasks=1",
               f"--cpus-per-task={prepare_cpus(request)}"]
     partition = request.prepare_partition or request.partition
@@ -209,7 +218,7 @@ def render_prepare(config: RunConfig, request: SlurmRequest, job: RenderedJob,
         "output": shlex.quote(str(job.log_dir / "prepare-%j.out")),
         "error": shlex.quote(str(job.log_dir / "prepare-%j.err")),
         "workdir": shlex.quote(str(workdir)),
-        "site_setup": "\n".join(request.setup) if request.setup else "# (none: pass --setup 'module load ...')",
+        "site_setup": site_setup(request),
         "prepare_command": f"{hashmoe} prepare {shlex.quote(str(job.config_snapshot))}",
     }
     return fill_template(PREPARE_TEMPLATE.read_text(), values, PREPARE_TEMPLATE), job.log_dir / "prepare.sbatch"

@@ -14,7 +14,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -46,6 +45,7 @@ from trainer.data.store import (
     StorePaths,
     build_once,
     wait_for_store,
+    write_array,
     write_manifest,
 )
 from trainer.data.tasks import TASKS, build_task, vocabulary, word_tokenizer
@@ -208,6 +208,11 @@ def is_valid_document(index: np.ndarray, fraction: Fraction) -> np.ndarray:
     return ((index + 1) * p + (q - p)) // q > (index * p + (q - p)) // q
 
 
+def held_out(index: int, fraction: Fraction) -> bool:
+    """Whether document `index` is a validation document."""
+    return bool(is_valid_document(np.array([index]), fraction)[0])
+
+
 class SplitWriter:
     """One split's token stream: documents joined by EOS (none before the first), their start offsets."""
 
@@ -281,15 +286,14 @@ def _tokenizer_sample(chunks, fraction: Fraction, limit_bytes: int) -> list[str]
     leaks into the tokenizer; a document that would pass the limit is cut there)."""
     sample, size, index = [], 0, 0
     for chunk in chunks:
-        docs = chunk_documents(chunk)
-        continued = chunk.continues and index > 0 and not is_valid_document(np.array([index - 1]), fraction)[0]
-        if chunk.continues:  # the rest of the previous document: its split, not a new document
-            docs, first = docs[1:], docs[:1] if continued else []
-        else:
-            first = []
-        held_out = is_valid_document(np.arange(index, index + len(docs)), fraction)
+        docs, wanted = chunk_documents(chunk), []
+        if chunk.continues:  # the rest of the previous document: in its split, not a new document
+            wanted += [] if held_out(index - 1, fraction) else docs[:1]
+            docs = docs[1:]
+        valid = is_valid_document(np.arange(index, index + len(docs)), fraction)
         index += len(docs)
-        for doc in first + [d for d, valid in zip(docs, held_out) if not valid]:
+        wanted += [doc for doc, is_valid in zip(docs, valid) if not is_valid]
+        for doc in wanted:
             encoded = doc.encode()
             if size + len(encoded) >= limit_bytes:
                 sample.append(encoded[: limit_bytes - size].decode(errors="ignore"))
@@ -345,16 +349,16 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
             chunks = read_chunks(cfg.dataset, part)
             for tokens, lengths, size, continues in _encoded_chunks(chunks, tokenizer_json, dtype, workers):
                 if continues and index:  # the next piece of the last document: appended to it, in its split
-                    split = "valid" if is_valid_document(np.array([index - 1]), fraction)[0] else "train"
+                    split = "valid" if held_out(index - 1, fraction) else "train"
                     piece, tokens, lengths = tokens[:lengths[0]], tokens[lengths[0]:], lengths[1:]
                     splits[split].extend(piece)
                     if split == "train":
                         counts += np.bincount(piece, minlength=vocab)
-                held_out = is_valid_document(np.arange(index, index + len(lengths)), fraction)  # per corpus
+                valid = is_valid_document(np.arange(index, index + len(lengths)), fraction)  # per corpus
                 index += len(lengths)
-                per_token = np.repeat(held_out, lengths)
-                splits["valid"].add(tokens[per_token], lengths[held_out])
-                written = splits["train"].add(tokens[~per_token], lengths[~held_out])
+                per_token = np.repeat(valid, lengths)
+                splits["valid"].add(tokens[per_token], lengths[valid])
+                written = splits["train"].add(tokens[~per_token], lengths[~valid])
                 counts += np.bincount(written, minlength=vocab)
                 text_bytes += size
                 bar.update(size)
@@ -375,9 +379,7 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
     for name, split in splits.items():
         arrays[name], arrays[f"{name}_docs"] = split.tokens.close(), split.offsets.close()
     for name, values in (("token_counts", counts), ("train_sources", np.array(ranges, dtype=np.int64).ravel())):
-        writer = ArrayWriter(staging / f"{name}.bin", np.int64)
-        writer.append(values)
-        arrays[name] = writer.close()
+        arrays[name] = write_array(staging / f"{name}.bin", np.int64, values)
     manifest = {"format": STORE_FORMAT, "fingerprint": fingerprint, "kind": "text",
                 "vocab_size": vocab, "eos_token_id": eos, "arrays": arrays, "text_bytes": text_bytes,
                 "documents": {name: split.documents for name, split in splits.items()},
@@ -387,8 +389,7 @@ def build_text_store(cfg: DataConfig, parts: list[Corpus], staging: Path, progre
                                 {"files": [str(f) for f in part.files] if cfg.dataset == "files" else cfg.dataset}),
                              "documents": count, "train_tokens": end - start}
                             for part, count, (start, end) in zip(parts, documents, ranges)]}
-    write_manifest(staging, manifest, {"seconds": time.perf_counter() - started, "workers": workers,
-                                       "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_manifest(staging, manifest, started, workers)
 
 
 def build_task_store(cfg: DataConfig, seed: int, staging: Path, progress: dict, fingerprint: str) -> None:
@@ -402,15 +403,12 @@ def build_task_store(cfg: DataConfig, seed: int, staging: Path, progress: dict, 
     arrays = {}
     for key, tensor in tensors.items():
         name = key.removesuffix("_blocks")  # train_blocks -> train: the token streams have one name everywhere
-        writer = ArrayWriter(staging / f"{name}.bin",
-                             dtype if key.endswith("_blocks") else np.int64 if key == "token_counts" else np.int32)
-        writer.append(tensor.flatten().numpy())
-        arrays[name] = writer.close()
+        kind = dtype if key.endswith("_blocks") else np.int64 if key == "token_counts" else np.int32
+        arrays[name] = write_array(staging / f"{name}.bin", kind, tensor.flatten().numpy())
     manifest = {"format": STORE_FORMAT, "fingerprint": fingerprint, "kind": "task",
                 "task": cfg.dataset, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "arrays": arrays,
                 "seq_len": cfg.seq_len, "blocks": {"train": cfg.task_examples, "valid": cfg.task_valid_examples}}
-    write_manifest(staging, manifest, {"seconds": time.perf_counter() - started, "workers": 1,
-                                       "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_manifest(staging, manifest, started, workers=1)
 
 
 # ---------------------------------------------------------------- the entry point

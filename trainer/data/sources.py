@@ -432,11 +432,11 @@ def _hub_chunks(hub: HubDataset, text_field: str) -> Iterator[Chunk]:
 def _jsonl_documents(chunk: Chunk) -> list[str]:
     text = _decode(chunk.payload, chunk.origin)
     docs = []
+    path = chunk.origin.split(", lines")[0]  # errors name the line, not the chunk's range
     # split("\n"), not splitlines(): JSON strings may hold U+2028, \x85 and the like unescaped
     for number, line in enumerate(text.split("\n"), start=chunk.first_line):
         if not line.strip():
             continue
-        path = chunk.origin.split(", lines")[0]
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:

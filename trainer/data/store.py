@@ -261,9 +261,20 @@ def _release(paths: StorePaths, build_dir: Path) -> bool:
     return True
 
 
-def write_manifest(staging: Path, manifest: dict, build_info: dict) -> None:
+def write_array(path: Path, dtype, values: np.ndarray) -> dict:
+    """A whole array in one go; its manifest entry."""
+    writer = ArrayWriter(path, dtype)
+    writer.append(values)
+    return writer.close()
+
+
+def write_manifest(staging: Path, manifest: dict, started: float, workers: int) -> None:
+    """manifest.json last (it completes the store), after build.json: how it was built, the one file whose bytes
+    vary between two builds of a store (`started`: the build's time.perf_counter() at its start)."""
+    build_info = {"seconds": time.perf_counter() - started, "workers": workers, "host": socket.gethostname(),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (staging / BUILD_INFO).write_text(json.dumps(build_info, indent=1) + "\n")
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")  # last: completes it
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 class Store:
