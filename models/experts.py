@@ -35,7 +35,10 @@ EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")
 
 
 class ExpertBank(nn.Module):
-    """`num_experts` two-layer FFNs, weights laid out [E, out, in] as in HF MoE models.
+    """`num_experts` FFNs, weights laid out [E, out, in] as in HF MoE models: `w1` the input projection, `w2` the
+    output projection. Plain: act(x w1^T) w2^T with w1 [E, F, D]. Gated (GLU; SwiGLU with silu, as in Llama,
+    Qwen3-MoE, Mixtral, DeepSeek): act(x Wg^T) * (x Wu^T) w2^T with w1 = [Wg; Wu] stacked [E, 2F, D], gate rows
+    first: transformers' `gate_up_proj` layout, so the two input projections are one GEMM.
 
     With `num_segments > 1` (multi-hash, Roller et al. 2021 sec. 3) expert e's hidden units are split into
     segments; "slot" g = e * num_segments + m is segment m of expert e, and a token's K = num_segments
@@ -43,15 +46,23 @@ class ExpertBank(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, expert_size: int, activation: str = "gelu",
-                 num_segments: int = 1):
+                 num_segments: int = 1, gated: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.num_segments = num_segments
+        self.expert_size = expert_size
         self.segment_size = expert_size // num_segments
         self.activation = activation
+        self.gated = gated
         self.act = ACTIVATIONS[activation]
-        self.w1 = nn.Parameter(torch.empty(num_experts, expert_size, hidden_size))
+        self.input_projections = 2 if gated else 1
+        self.w1 = nn.Parameter(torch.empty(num_experts, self.input_projections * expert_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
+
+    def shaped_like(self, num_experts: int) -> ExpertBank:
+        """A bank of `num_experts` experts shaped as these (weights uninitialised)."""
+        return ExpertBank(num_experts, self.w1.shape[2], self.expert_size, self.activation, self.num_segments,
+                          self.gated)
 
     @property
     def num_slots(self) -> int:
@@ -62,33 +73,40 @@ class ExpertBank(nn.Module):
         nn.init.normal_(self.w2, std=out_std)
 
     def forward_slot(self, slot: int, x_ND: torch.Tensor) -> torch.Tensor:
-        expert, segment = divmod(slot, self.num_segments)
-        hidden = slice(segment * self.segment_size, (segment + 1) * self.segment_size)
-        h_NF = self.act(x_ND @ self.w1[expert, hidden].t())
-        return h_NF @ self.w2[expert, :, hidden].t()
+        """One slot's FFN on rows x_ND, written plainly: the reference the tests hold the dispatcher to."""
+        w1_CSD, w2_DS = self.to_slots("w1", self.w1)[slot], self.to_slots("w2", self.w2)[slot]
+        return glu_or_act(x_ND @ w1_CSD.t(), self.activation, self.gated) @ w2_DS.t()
 
     def to_slots(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor shaped like parameter `name` ("w1" [E, F, D] or "w2" [E, D, F]) with slots leading: [G, S, D]
-        (a view) or [G, D, S]. A segment's w2 columns are not a strided view of [E, D, F], so with segments w2
-        is gathered into slot order (a copy; autograd scatters its gradient back)."""
-        G, S = self.num_slots, self.segment_size
-        if name == "w1":
-            return tensor.reshape(G, S, tensor.shape[2])
-        if self.num_segments == 1:
+        """A tensor shaped like parameter `name` ("w1" [E, C*F, D], C = 1 plain or 2 gated, or "w2" [E, D, F])
+        with slots leading: [G, C*S, D] (gate rows then up rows of the slot's segment) or [G, D, S]. Without
+        segments both are views; with segments a gated w1 and any w2 are gathered into slot order (a copy;
+        autograd scatters its gradient back)."""
+        G, S, H, C = self.num_slots, self.segment_size, self.num_segments, self.input_projections
+        if H == 1:
             return tensor
-        E, D, _ = tensor.shape
-        return tensor.reshape(E, D, self.num_segments, S).transpose(1, 2).reshape(G, D, S)
+        E = tensor.shape[0]
+        if name == "w1":
+            D = tensor.shape[2]
+            if C == 1:
+                return tensor.reshape(G, S, D)
+            return tensor.reshape(E, C, H, S, D).transpose(1, 2).reshape(G, C * S, D)
+        D = tensor.shape[1]
+        return tensor.reshape(E, D, H, S).transpose(1, 2).reshape(G, D, S)
 
     def from_slots(self, name: str, slots: torch.Tensor) -> torch.Tensor:
         """The inverse of `to_slots`."""
-        E, F = self.num_experts, self.num_segments * self.segment_size
+        E, S, H, C = self.num_experts, self.segment_size, self.num_segments, self.input_projections
+        if H == 1:
+            return slots
         if name == "w1":
-            return slots.reshape(E, F, slots.shape[2])
+            D = slots.shape[2]
+            return slots.reshape(E, H, C, S, D).transpose(1, 2).reshape(E, C * H * S, D)
         D = slots.shape[1]
-        return slots.reshape(E, self.num_segments, D, self.segment_size).transpose(1, 2).reshape(E, D, F)
+        return slots.reshape(E, H, D, S).transpose(1, 2).reshape(E, D, H * S)
 
     def slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every slot's weights, slots leading: w1 [G, S, D] and w2 [G, D, S]."""
+        """Every slot's weights, slots leading: w1 [G, C*S, D] and w2 [G, D, S]."""
         return self.to_slots("w1", self.w1), self.to_slots("w2", self.w2)
 
     def forward(self, x_AD: torch.Tensor, tokens_per_slot_G: torch.Tensor,
@@ -98,7 +116,27 @@ class ExpertBank(nn.Module):
         hooks on the bank (accelerate's offload) see the weights."""
         w1_GSD, w2_GDS = self.slot_weights()
         grouped = use_grouped_mm(implementation, x_AD, w1_GSD, w2_GDS)
-        return expert_ffn(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G[:self.num_slots], self.activation, grouped)
+        return expert_ffn(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G[:self.num_slots], self.activation, grouped,
+                          self.gated)
+
+
+def glu_or_act(pre_NC: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """The FFN's hidden units from its input projection: act(pre), or for a GLU act(gate) * up with
+    pre = [gate | up] (Shazeer 2020, "GLU Variants Improve Transformer")."""
+    if not gated:
+        return ACTIVATIONS[activation](pre_NC)
+    gate_NS, up_NS = pre_NC.chunk(2, dim=-1)
+    return ACTIVATIONS[activation](gate_NS) * up_NS
+
+
+def glu_or_act_backward(grad_h_NS: torch.Tensor, pre_NC: torch.Tensor, activation: str,
+                        gated: bool) -> torch.Tensor:
+    """d loss / d pre from d loss / d h, for `glu_or_act`."""
+    if not gated:
+        return ACTIVATION_GRADS[activation](grad_h_NS, pre_NC)
+    gate_NS, up_NS = pre_NC.chunk(2, dim=-1)
+    grad_gate_NS = ACTIVATION_GRADS[activation](grad_h_NS * up_NS, gate_NS)
+    return torch.cat([grad_gate_NS, grad_h_NS * ACTIVATIONS[activation](gate_NS)], dim=-1)
 
 
 def use_grouped_mm(implementation: str | None, *tensors: torch.Tensor) -> bool:
@@ -131,7 +169,8 @@ ACTIVATION_GRADS = {
 }
 
 
-# act(x @ w1_g.T) @ w2_g.T for each slot's contiguous slice of rows, as a custom op with a hand-written backward.
+# act(x @ w1_g.T) @ w2_g.T (or its GLU form) for each slot's contiguous slice of rows, as a custom op with a
+# hand-written backward.
 #
 # Why a custom op: the slice sizes are data (tokens per slot). To torch.compile and torch.export the op is one
 # node whose output has the input's shape, so a model graph with MoE layers has no data-dependent shapes and
@@ -145,12 +184,13 @@ ACTIVATION_GRADS = {
 # the loop zero-fills instead.
 @torch.library.custom_op(f"hashmoe::{_OP_PREFIX}expert_ffn_forward", mutates_args=())
 def expert_ffn_forward(x_AD: torch.Tensor, w1_GSD: torch.Tensor, w2_GDS: torch.Tensor, tokens_per_slot_G: torch.Tensor,
-               activation: str, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y_AD, pre-activation, activation) of every row; the last two are kept for the backward."""
+                       activation: str, grouped: bool,
+                       gated: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_AD, pre-activation [A, C*S], hidden [A, S]) of every row; the last two are kept for the backward."""
     if grouped:
         offs_G = _group_ends(tokens_per_slot_G)
         pre_AS = _zero_rows_past(torch._grouped_mm(x_AD, w1_GSD.transpose(-2, -1), offs=offs_G), offs_G)
-        h_AS = ACTIVATIONS[activation](pre_AS)
+        h_AS = glu_or_act(pre_AS, activation, gated)
         y_AD = _zero_rows_past(torch._grouped_mm(h_AS, w2_GDS.transpose(-2, -1), offs=offs_G), offs_G)
         return y_AD, pre_AS, h_AS
     rows_G = _slot_rows(tokens_per_slot_G.tolist())
@@ -158,7 +198,7 @@ def expert_ffn_forward(x_AD: torch.Tensor, w1_GSD: torch.Tensor, w2_GDS: torch.T
     pre_AS = new_rows(x_AD.shape[0], w1_GSD.shape[1], dtype=x_AD.dtype, device=x_AD.device)
     for slot, rows in rows_G:
         torch.mm(x_AD[rows], w1_GSD[slot].t(), out=pre_AS[rows])
-    h_AS = ACTIVATIONS[activation](pre_AS)  # act(0) = 0 for every activation offered
+    h_AS = glu_or_act(pre_AS, activation, gated)  # act(0) = 0 for every activation offered
     y_AD = new_rows(x_AD.shape, dtype=x_AD.dtype, device=x_AD.device)
     for slot, rows in rows_G:
         torch.mm(h_AS[rows], w2_GDS[slot].t(), out=y_AD[rows])
@@ -166,21 +206,21 @@ def expert_ffn_forward(x_AD: torch.Tensor, w1_GSD: torch.Tensor, w2_GDS: torch.T
 
 
 @expert_ffn_forward.register_fake
-def _(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped):
-    size = w1_GSD.shape[1]
-    return x_AD.new_empty(x_AD.shape), x_AD.new_empty(x_AD.shape[0], size), x_AD.new_empty(x_AD.shape[0], size)
+def _(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped, gated=False):
+    rows = x_AD.shape[0]
+    return x_AD.new_empty(x_AD.shape), x_AD.new_empty(rows, w1_GSD.shape[1]), x_AD.new_empty(rows, w2_GDS.shape[2])
 
 
 @torch.library.custom_op(f"hashmoe::{_OP_PREFIX}expert_ffn_backward", mutates_args=())
 def expert_ffn_backward(grad_y_AD: torch.Tensor, x_AD: torch.Tensor, w1_GSD: torch.Tensor, w2_GDS: torch.Tensor,
                         pre_AS: torch.Tensor, h_AS: torch.Tensor, tokens_per_slot_G: torch.Tensor, activation: str,
-                        grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        grouped: bool, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_y_AD = grad_y_AD.contiguous()
     if grouped:
         offs_G = _group_ends(tokens_per_slot_G)
         grad_h_AS = torch._grouped_mm(grad_y_AD, w2_GDS, offs=offs_G)
         grad_w2 = torch._grouped_mm(grad_y_AD.t(), h_AS, offs=offs_G)  # rows past the last group are not read
-        grad_pre_AS = ACTIVATION_GRADS[activation](grad_h_AS, pre_AS)
+        grad_pre_AS = glu_or_act_backward(grad_h_AS, pre_AS, activation, gated)
         grad_x_AD = _zero_rows_past(torch._grouped_mm(grad_pre_AS, w1_GSD, offs=offs_G), offs_G)
         grad_w1 = torch._grouped_mm(grad_pre_AS.t(), x_AD, offs=offs_G)
         return grad_x_AD, grad_w1, grad_w2
@@ -189,11 +229,11 @@ def expert_ffn_backward(grad_y_AD: torch.Tensor, x_AD: torch.Tensor, w1_GSD: tor
     new_grad = torch.empty_like if len(rows_G) == w1_GSD.shape[0] else torch.zeros_like
     grad_w1, grad_w2 = new_grad(w1_GSD), new_grad(w2_GDS)
     new_rows = torch.zeros_like if _has_dropped(rows_G, x_AD) else torch.empty_like
-    grad_h_AS = new_rows(h_AS)
+    grad_h_AS = new_rows(h_AS)  # rows past the last slot must read 0: act'(0) * 0 in the GLU form too
     for slot, rows in rows_G:
         torch.mm(grad_y_AD[rows], w2_GDS[slot], out=grad_h_AS[rows])
         torch.mm(grad_y_AD[rows].t(), h_AS[rows], out=grad_w2[slot])
-    grad_pre_AS = ACTIVATION_GRADS[activation](grad_h_AS, pre_AS)
+    grad_pre_AS = glu_or_act_backward(grad_h_AS, pre_AS, activation, gated)
     grad_x_AD = new_rows(x_AD)
     for slot, rows in rows_G:
         torch.mm(grad_pre_AS[rows], w1_GSD[slot], out=grad_x_AD[rows])
@@ -202,7 +242,7 @@ def expert_ffn_backward(grad_y_AD: torch.Tensor, x_AD: torch.Tensor, w1_GSD: tor
 
 
 @expert_ffn_backward.register_fake
-def _(grad_y_AD, x_AD, w1_GSD, w2_GDS, pre_AS, h_AS, tokens_per_slot_G, activation, grouped):
+def _(grad_y_AD, x_AD, w1_GSD, w2_GDS, pre_AS, h_AS, tokens_per_slot_G, activation, grouped, gated=False):
     return torch.empty_like(x_AD), torch.empty_like(w1_GSD), torch.empty_like(w2_GDS)
 
 
@@ -212,24 +252,26 @@ class _ExpertFFN(torch.autograd.Function):
     passes per step) although nothing uses them."""
 
     @staticmethod
-    def forward(ctx, x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped):
-        y_AD, pre_AS, h_AS = expert_ffn_forward(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped)
+    def forward(ctx, x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped, gated):
+        y_AD, pre_AS, h_AS = expert_ffn_forward(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped,
+                                                gated)
         ctx.save_for_backward(x_AD, w1_GSD, w2_GDS, pre_AS, h_AS, tokens_per_slot_G)
-        ctx.activation, ctx.grouped = activation, grouped
+        ctx.activation, ctx.grouped, ctx.gated = activation, grouped, gated
         return y_AD
 
     @staticmethod
     def backward(ctx, grad_y_AD):
         x_AD, w1_GSD, w2_GDS, pre_AS, h_AS, tokens_per_slot_G = ctx.saved_tensors
         grads = expert_ffn_backward(grad_y_AD, x_AD, w1_GSD, w2_GDS, pre_AS, h_AS, tokens_per_slot_G,
-                                    ctx.activation, ctx.grouped)
-        return (*grads, None, None, None)
+                                    ctx.activation, ctx.grouped, ctx.gated)
+        return (*grads, None, None, None, None)
 
 
 def expert_ffn(x_AD: torch.Tensor, w1_GSD: torch.Tensor, w2_GDS: torch.Tensor, tokens_per_slot_G: torch.Tensor,
-               activation: str, grouped: bool) -> torch.Tensor:
-    """act(x @ w1_g.T) @ w2_g.T of each slot's rows (rows past the last slot give 0), differentiable."""
-    return _ExpertFFN.apply(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped)
+               activation: str, grouped: bool, gated: bool = False) -> torch.Tensor:
+    """act(x @ w1_g.T) @ w2_g.T (or the GLU form, `glu_or_act`) of each slot's rows (rows past the last slot
+    give 0), differentiable."""
+    return _ExpertFFN.apply(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G, activation, grouped, gated)
 
 
 def _group_ends(tokens_per_slot_G: torch.Tensor) -> torch.Tensor:
@@ -302,7 +344,7 @@ class RoutePlan:
     K: int
 
     @classmethod
-    def build(cls, slot_TK: torch.Tensor, num_slots: int) -> "RoutePlan":
+    def build(cls, slot_TK: torch.Tensor, num_slots: int) -> RoutePlan:
         return cls(*sort_by_slot(slot_TK.reshape(-1), num_slots), *slot_TK.shape)
 
     def permute(self, x_TD: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,14 @@ def random_table(num_keys: int, num_experts: int, seed: int) -> torch.Tensor:
     return torch.randint(num_experts, (num_keys,), generator=_generator(seed), dtype=torch.int64)
 
 
+def random_distinct_table(num_keys: int, num_experts: int, k: int, seed: int) -> torch.Tensor:
+    """k distinct uniformly random experts per key (DeepSeek-V4's `tid2eid` shape, transposed): ``table_KV``."""
+    _check_positive("num_keys", num_keys)
+    _check_positive("num_experts", num_experts)
+    order_VE = torch.rand(num_keys, num_experts, generator=_generator(seed)).argsort(dim=1)
+    return order_VE[:, :k].t().contiguous()
+
+
 def balanced_table(token_counts: torch.Tensor, num_experts: int, seed: int | None = None) -> torch.Tensor:
     """The "Balanced assignment" hash of Roller et al. (2021), Sec. 3: equalise token mass over experts.
 

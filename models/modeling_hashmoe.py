@@ -1,12 +1,19 @@
-"""hashmoe causal language model: a pre-norm GPT whose FFN sublayers are dense or Mixture-of-Experts.
+"""hashmoe causal language model: a pre-norm decoder whose FFN sublayers are dense or Mixture-of-Experts.
+
+The block is GPT-2's by default and, by config, the block of the 2026 MoE models (Qwen3-MoE, Mixtral, DeepSeek):
+RoPE, RMSNorm, SwiGLU FFNs and experts, grouped-query attention, per-head QK-norm, shared experts.
 
 References:
   Hash Layers      Roller, Sukhbaatar, Szlam, Weston 2021, arXiv 2106.04426
   Switch           Fedus, Zoph, Shazeer 2021, arXiv 2101.03961
   BASE layers      Lewis, Bhosale, Dettmers, Goyal, Zettlemoyer 2021, arXiv 2103.16716
   GPT-2 layout     Radford et al. 2019 (pre-norm, learned positions, tied embeddings)
+  RoPE             Su et al. 2021, arXiv 2104.09864;  RMSNorm  Zhang & Sennrich 2019, arXiv 1910.07467
+  GLU FFNs         Shazeer 2020, arXiv 2002.05202;    GQA      Ainslie et al. 2023, arXiv 2305.13245
+  Shared experts   Dai et al. 2024 (DeepSeekMoE), arXiv 2401.06066
 
-Shape suffixes: B batch, S query length, P cached + new length, D width, T = B*S tokens, E experts.
+Shape suffixes: B batch, S query length, P cached + new length, D width, T = B*S tokens, E experts, H query
+heads, Hkv key/value heads, hd head width.
 
 The model knows nothing of processes or DeepSpeed: expert parallelism replaces each `HashMoESparseMLP` from
 outside (trainer/parallel.py) with a module of the same call signature.
@@ -25,10 +32,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hashmoe import HashMoEConfig
-from .experts import ACTIVATIONS, EXPERTS_IMPLEMENTATIONS, ExpertBank, dispatch, expert_init_std
+from .experts import EXPERTS_IMPLEMENTATIONS, ExpertBank, dispatch, expert_init_std, glu_or_act
 from .routing import (
     BaseRouter,
     HashRouter,
@@ -97,7 +105,11 @@ class HashMoECausalLMOutput(MoeCausalLMOutputWithPast):
 def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
     """softmax(q k^T * scaling + mask) v, returning the weights too (`output_attentions`). Layout as
-    transformers' attention functions: inputs [B, H, S, hd], output [B, S, H, hd]."""
+    transformers' attention functions: inputs [B, H, S, hd] (keys and values [B, Hkv, P, hd], each serving
+    `module.num_key_value_groups` query heads), output [B, S, H, hd]."""
+    groups = module.num_key_value_groups
+    if groups > 1:
+        key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
     weights_BHSP = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         weights_BHSP = weights_BHSP + attention_mask
@@ -116,6 +128,7 @@ class AttentionLayout:
     key_real_BP: torch.Tensor | None  # attention_mask [B, tokens so far], 1 = real token
     ready_mask: torch.Tensor | None = None  # a 4-D mask given by the caller, used as it is
     plain_causal: bool = False  # no cache, no padding: attention functions may use their causal kernels
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # RoPE's (cos, sin) [B, S, rotary dims] of the queries
 
     def mask_for(self, num_keys: int, implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
         if self.ready_mask is not None:
@@ -129,52 +142,139 @@ class AttentionLayout:
             ~allowed_B1SP, torch.finfo(dtype).min)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and scaled in the input's dtype, as transformers' Llama, Qwen3 and
+    Mixtral norms (so converted checkpoints compute what their own classes compute, in bf16 too)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: HashMoEConfig, size: int) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(size, config.layer_norm_eps)
+    return nn.LayerNorm(size, eps=config.layer_norm_eps)
+
+
+def rope_frequencies(config: HashMoEConfig, device) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [rotary dims / 2] and the cos/sin scale, from transformers' rope utilities
+    (config.rope_parameters: rope_type, rope_theta, partial_rotary_factor, scaling settings)."""
+    params = config.rope_parameters
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        return ROPE_INIT_FUNCTIONS[rope_type](config, device)
+    dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (params["rope_theta"] ** exponents), 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin of the rotation angles position * inv_freq, per position id. The frequencies are recomputed
+    per call (a few hundred floats) rather than kept as a buffer, so a model built on the meta device (as
+    from_pretrained builds it) needs nothing re-initialised."""
+
+    def __init__(self, config: HashMoEConfig):
+        super().__init__()
+        self.config = config
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scale = rope_frequencies(self.config, position_ids_BS.device)
+        angles_BSR = position_ids_BS[..., None].float() * inv_freq.float()
+        angles_BSR = torch.cat([angles_BSR, angles_BSR], dim=-1)
+        return (angles_BSR.cos() * scale).to(x.dtype), (angles_BSR.sin() * scale).to(x.dtype)
+
+
+def apply_rotary(x_BHSd: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R dims of each head (all of them unless partial_rotary_factor < 1) by the position's
+    angles, pairing dim i with dim i + R/2 (the "rotate half" layout of transformers' Llama/Qwen checkpoints)."""
+    R = cos_BSR.shape[-1]
+    rotated, passed = x_BHSd[..., :R], x_BHSd[..., R:]
+    first, second = rotated.chunk(2, dim=-1)
+    cos, sin = cos_BSR.unsqueeze(1), sin_BSR.unsqueeze(1)
+    rotated = rotated * cos + torch.cat([-second, first], dim=-1) * sin
+    return rotated if passed.shape[-1] == 0 else torch.cat([rotated, passed], dim=-1)
+
+
 class HashMoEAttention(nn.Module):
-    """Causal multi-head self-attention through transformers' attention interface (eager or sdpa), with a
-    KV cache."""
+    """Causal self-attention through transformers' attention interface (eager or sdpa), with a KV cache:
+    multi-head, or grouped-query with fewer key/value heads; optional per-head QK-norm and RoPE. One fused
+    projection `qkv_proj` holds [q; k; v] rows (H*hd, Hkv*hd, Hkv*hd)."""
 
     def __init__(self, config: HashMoEConfig):
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # read by transformers' sdpa
+        self.head_dim = config.head_dim
         self.scaling = self.head_dim ** -0.5
         self.is_causal = True  # read by transformers' sdpa function
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.split_sizes = [self.num_heads * self.head_dim] + [self.num_key_value_heads * self.head_dim] * 2
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.o_proj.writes_residual = True
+        if config.qk_norm:
+            self.q_norm = make_norm(config, self.head_dim)
+            self.k_norm = make_norm(config, self.head_dim)
         self.dropout = config.dropout
+
+    def project(self, x_BSD: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None):
+        """Queries [B, H, S, hd], keys and values [B, Hkv, S, hd]: normed and rotated, ready for the cache."""
+        B, S, _ = x_BSD.shape
+        q, k, v = (t.view(B, S, -1, self.head_dim) for t in self.qkv_proj(x_BSD).split(self.split_sizes, dim=-1))
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k, v
 
     def forward(self, x_BSD: torch.Tensor, layout: AttentionLayout, cache: Cache | None,
                 cache_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv_proj(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        B, S, _ = x_BSD.shape
+        q, k, v = self.project(x_BSD, layout.rotary)
         if cache is not None:
             k, v = cache.update(k, v, cache_index)
         implementation = self.config._attn_implementation or "sdpa"
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         y_BSHd, weights = attend(self, q, k, v, layout.mask_for(k.shape[2], implementation, q.dtype),
                                  dropout=self.dropout if self.training else 0.0, scaling=self.scaling)
-        return self.o_proj(y_BSHd.reshape(B, S, D)), weights
+        return self.o_proj(y_BSHd.reshape(B, S, -1)), weights
 
 
 class HashMoEMLP(nn.Module):
-    """Dense FFN: act(x W1^T) W2^T, optionally with structured (Monarch) projections, plus optional frozen
-    random hidden units ("doping", Chatelain et al. 2021): act(x U^T) V^T with U, V fixed by a seed, stored
-    as buffers, never in the optimizer and never receiving gradients."""
+    """Dense FFN: act(x W_up^T) W_down^T, or with `gated_ffn` the GLU form act(x W_gate^T) * (x W_up^T) W_down^T
+    (SwiGLU with silu), optionally with structured (Monarch) projections, plus optional frozen random hidden units
+    ("doping", Chatelain et al. 2021): act(x U^T) V^T with U, V fixed by a seed, stored as buffers, never in the
+    optimizer and never receiving gradients. `intermediate_size` given: a MoE layer's shared experts (plain
+    projections, no doping)."""
 
-    def __init__(self, config: HashMoEConfig, layer_idx: int = 0):
+    def __init__(self, config: HashMoEConfig, layer_idx: int = 0, intermediate_size: int | None = None):
         super().__init__()
-        D, F = config.hidden_size, config.intermediate_size
-        if config.ffn_linear == "monarch":
-            self.up_proj = MonarchLinear(D, F, config.monarch_blocks)
-            self.down_proj = MonarchLinear(F, D, config.monarch_blocks)
+        shared = intermediate_size is not None
+        D, F = config.hidden_size, intermediate_size or config.intermediate_size
+        if config.ffn_linear == "monarch" and not shared:
+            def linear(n_in, n_out):
+                return MonarchLinear(n_in, n_out, config.monarch_blocks)
         else:
-            self.up_proj = nn.Linear(D, F, bias=False)
-            self.down_proj = nn.Linear(F, D, bias=False)
+            def linear(n_in, n_out):
+                return nn.Linear(n_in, n_out, bias=False)
+        self.gated = config.gated_ffn
+        if self.gated:
+            self.gate_proj = linear(D, F)
+        self.up_proj = linear(D, F)
+        self.down_proj = linear(F, D)
         self.down_proj.writes_residual = True
-        self.act = ACTIVATIONS[config.hidden_act]
-        self.frozen_size = config.frozen_ffn_size
+        self.activation = config.hidden_act
+        self.frozen_size = 0 if shared else config.frozen_ffn_size
         if self.frozen_size:
             self.frozen_seed = config.frozen_seed + 1000 * layer_idx
             self.frozen_std = expert_init_std(config.initializer_range, config.residual_depth)
@@ -196,31 +296,45 @@ class HashMoEMLP(nn.Module):
         self.frozen_up.copy_(frozen_up)
         self.frozen_down.copy_(frozen_down)
 
-    def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs) -> tuple[torch.Tensor, None]:
-        y_BSD = self.down_proj(self.act(self.up_proj(x_BSD)))
+    def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs | None = None) -> tuple[torch.Tensor, None]:
+        pre_BSC = torch.cat([self.gate_proj(x_BSD), self.up_proj(x_BSD)], -1) if self.gated else self.up_proj(x_BSD)
+        y_BSD = self.down_proj(glu_or_act(pre_BSC, self.activation, self.gated))
         if self.frozen_size:
-            y_BSD = y_BSD + F.linear(self.act(F.linear(x_BSD, self.frozen_up)), self.frozen_down)
+            frozen_BSF = F.linear(x_BSD, self.frozen_up)
+            y_BSD = y_BSD + F.linear(glu_or_act(frozen_BSF, self.activation, False), self.frozen_down)
         return y_BSD, None
 
 
 class HashMoESparseMLP(nn.Module):
-    """MoE FFN: router + expert bank + sort-based dispatch, all experts in this process."""
+    """MoE FFN: router + expert bank + sort-based dispatch, all experts in this process, plus the shared experts
+    (`shared_mlp`, DeepSeek's always-on experts; not named "experts...", which DeepSpeed's checkpointing would
+    file as routed experts)."""
 
     def __init__(self, config: HashMoEConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.num_experts = config.num_experts
         self.router = build_router(config, layer_idx)
-        segments = config.hash_heads if config.router == "hash" else 1
+        segments = config.hash_heads if config.router_of(layer_idx) == "hash" else 1
         self.experts = ExpertBank(config.num_experts, config.hidden_size, config.expert_intermediate_size,
-                                  config.hidden_act, num_segments=segments)
+                                  config.hidden_act, num_segments=segments, gated=config.gated_ffn)
+        if config.num_shared_experts:
+            self.shared_mlp = HashMoEMLP(config, layer_idx,
+                                         intermediate_size=config.num_shared_experts * config.expert_intermediate_size)
 
     def forward(self, x_BSD: torch.Tensor, routing: RoutingInputs) -> tuple[torch.Tensor, MoELayerStats]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routed = self.router(x_TD, routing)
         y_TD = dispatch(x_TD, routed.expert_index_TK, routed.expert_weight_TK, self.experts,
                         implementation=experts_implementation(self.config))
-        return y_TD.view_as(x_BSD), moe_layer_stats(routed, self.num_experts)
+        return with_shared_experts(self, x_BSD, y_TD.view_as(x_BSD)), moe_layer_stats(routed, self.num_experts)
+
+
+def with_shared_experts(moe: nn.Module, x_BSD: torch.Tensor, routed_BSD: torch.Tensor) -> torch.Tensor:
+    """The routed experts' output plus the shared experts' where the layer has them (also called by the
+    expert-parallel twin of the layer)."""
+    shared = getattr(moe, "shared_mlp", None)
+    return routed_BSD if shared is None else routed_BSD + shared(x_BSD)[0]
 
 
 def experts_implementation(config: HashMoEConfig) -> str | None:
@@ -242,9 +356,9 @@ class HashMoEBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: HashMoEConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.input_layernorm = make_norm(config, config.hidden_size)
         self.self_attn = HashMoEAttention(config)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size)
         is_moe = layer_idx in config.moe_layers
         self.mlp = HashMoESparseMLP(config, layer_idx) if is_moe else HashMoEMLP(config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
@@ -298,6 +412,8 @@ class HashMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
         elif isinstance(module, ExpertBank):
             module.reset_parameters(std, out_std)
         elif isinstance(module, (SoftmaxRouter, BaseRouter)):
@@ -345,10 +461,13 @@ class HashMoEModel(HashMoEPreTrainedModel):
     def __init__(self, config: HashMoEConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.position_embedding_type == "rope":
+            self.rotary_emb = RotaryEmbedding(config)
+        else:
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(HashMoEBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = make_norm(config, config.hidden_size)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -375,7 +494,7 @@ class HashMoEModel(HashMoEPreTrainedModel):
         return_dict = config.return_dict if return_dict is None else return_dict
         use_cache = config.use_cache if use_cache is None else use_cache
         past_key_values = resolve_cache(cache, past_key_values)
-        hash_routed = config.is_moe and config.router == "hash"
+        hash_routed = config.is_moe and "hash" in config.routers
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids (or inputs_embeds together with input_ids for a hash model)")
         if input_ids is not None and inputs_embeds is not None and not hash_routed:
@@ -393,7 +512,8 @@ class HashMoEModel(HashMoEPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, S = inputs_embeds.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if isinstance(past_len, int) and past_len + S > config.max_position_embeddings:
+        rope = config.position_embedding_type == "rope"
+        if isinstance(past_len, int) and past_len + S > config.max_position_embeddings and not rope:
             raise ValueError(f"sequence of {past_len + S} tokens exceeds max_position_embeddings="
                              f"{config.max_position_embeddings}")
         if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
@@ -401,7 +521,8 @@ class HashMoEModel(HashMoEPreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
         if position_ids is None:
             position_ids = (torch.arange(S, device=inputs_embeds.device) + past_len).expand(B, S)
-        x_BSD = self.dropout(inputs_embeds + self.embed_positions(position_ids))
+        rotary = self.rotary_emb(inputs_embeds, position_ids) if rope else None
+        x_BSD = self.dropout(inputs_embeds if rope else inputs_embeds + self.embed_positions(position_ids))
         if input_ids is None:  # dense and learned routers route by hidden state: any id stands in
             input_ids = torch.zeros((B, S), dtype=torch.long, device=inputs_embeds.device)
         hidden_states = (x_BSD,) if output_hidden_states else None
@@ -411,7 +532,7 @@ class HashMoEModel(HashMoEPreTrainedModel):
                                                                   past_key_values, prev_token_ids, next_token_ids)
         else:
             routing = routing_inputs(input_ids, position_ids, config.vocab_size, prev_token_ids, next_token_ids)
-            layout = attention_layout(attention_mask, B, S, past_len, inputs_embeds.device)
+            layout = attention_layout(attention_mask, B, S, past_len, inputs_embeds.device, rotary)
             num_layers, steps = len(self.layers), config.ladder_steps
             reserve_cache_layers(past_key_values, steps * num_layers)
             layer_stats = []
@@ -490,14 +611,14 @@ def routing_inputs(input_ids_BS, position_ids_BS, vocab_size, prev_token_ids_B1=
                          position_ids_BS.reshape(-1))
 
 
-def attention_layout(attention_mask, B: int, S: int, past_len, device) -> AttentionLayout:
-    """What the attention layers need to build their masks. A 4-D mask is the caller's and is used as it is
-    (bool: True = may attend; float: added to the scores)."""
+def attention_layout(attention_mask, B: int, S: int, past_len, device, rotary=None) -> AttentionLayout:
+    """What the attention layers need to build their masks (and RoPE's angles). A 4-D mask is the caller's and
+    is used as it is (bool: True = may attend; float: added to the scores)."""
     query_pos_S = torch.arange(S, device=device) + past_len
     if attention_mask is not None and attention_mask.dim() == 4:
-        return AttentionLayout(query_pos_S, None, ready_mask=attention_mask)
+        return AttentionLayout(query_pos_S, None, ready_mask=attention_mask, rotary=rotary)
     plain = attention_mask is None and isinstance(past_len, int) and past_len == 0
-    return AttentionLayout(query_pos_S, attention_mask, plain_causal=plain)
+    return AttentionLayout(query_pos_S, attention_mask, plain_causal=plain, rotary=rotary)
 
 
 def attention_allowed(key_real_BP, query_pos_S, num_keys: int) -> torch.Tensor:
@@ -611,7 +732,7 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
         return model_inputs
 
     def generate(self, *args, **kwargs):
-        if self.config.router == "hash" and self.config.hash_function == "oracle_future" and self.config.is_moe:
+        if "hash" in self.config.routers and self.config.hash_function == "oracle_future":
             raise ValueError("hash_function='oracle_future' routes each token by the *next* token, which does "
                              "not exist during generation; it is an analysis upper bound. Generate with a "
                              "model trained with another hash_function.")
@@ -641,10 +762,12 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
         for module in self.modules():
             if isinstance(module, HashMoESparseMLP):
                 bank = module.experts
-                per_expert = bank.w1[0].numel() + bank.w2[0].numel()
+                per_expert = bank.w1[0].numel() + bank.w2[0].numel()  # gate, up and down when gated
                 k = getattr(module.router, "k", 1)  # hash multi-head: the heads share one expert's worth
                 inactive += (bank.num_experts - k) * per_expert
-        embedding = self.model.embed_tokens.weight.numel() + self.model.embed_positions.weight.numel()
+        embedding = self.model.embed_tokens.weight.numel()
+        if hasattr(self.model, "embed_positions"):
+            embedding += self.model.embed_positions.weight.numel()
         if not self.config.tie_word_embeddings:
             embedding += self.lm_head.weight.numel()
         active = total - inactive

@@ -22,6 +22,7 @@ from .hashing import (
     bigram_hash,
     clustered_table,
     dispersed_table,
+    random_distinct_table,
     random_table,
     universal_hash_params,
 )
@@ -67,9 +68,15 @@ class HashRouter(nn.Module):
 
     def __init__(self, hash_function: str, num_experts: int, num_heads: int, vocab_size: int,
                  max_positions: int, seed: int, gate: str = "none", hidden_size: int = 0,
-                 init_scale: float = 0.1):
+                 init_scale: float = 0.1, experts_per_token: int = 1, normalize: bool = False,
+                 scaling_factor: float = 1.0):
         super().__init__()
         self.hash_function = hash_function
+        # k > 1 (DeepSeek-V4's tid2eid): the table's k rows are k distinct whole experts per key, not segments;
+        # their weights (gate scores, or 1) are renormalised over the k when `normalize`.
+        self.experts_per_token, self.normalize, self.scaling_factor = experts_per_token, normalize, scaling_factor
+        if experts_per_token > 1:
+            num_heads = experts_per_token
         # DeepSeek-V4's hash layers: the table picks the expert, a learned gate weights it (the gate's
         # gradient trains `weight`; the choice itself stays fixed).
         self.gate, self.init_scale = gate, init_scale
@@ -81,7 +88,8 @@ class HashRouter(nn.Module):
         self.vocab_size, self.max_positions = vocab_size, max_positions
         # Built on CPU even under from_pretrained's meta-device context: the table is data, not a weight init.
         with torch.device("cpu"):
-            table = self._initial_table(hash_function, num_experts, num_heads, vocab_size, max_positions, seed)
+            table = self._initial_table(hash_function, num_experts, num_heads, vocab_size, max_positions, seed,
+                                        experts_per_token > 1)
         self.register_buffer(self.table_name, table)
         # 0/1 in uint8 rather than bool: transformers' common save/load test cannot compare bool tensors.
         self.register_buffer("table_fitted", torch.tensor(int(hash_function not in self.FITTED_FUNCTIONS),
@@ -101,7 +109,7 @@ class HashRouter(nn.Module):
         clustered/dispersed). Called by `_init_weights`, e.g. after a meta-device construction."""
         with torch.device("cpu"):
             table = self._initial_table(self.hash_function, self.num_experts, self.num_heads, self.vocab_size,
-                                        self.max_positions, self.seed)
+                                        self.max_positions, self.seed, self.experts_per_token > 1)
         getattr(self, self.table_name).copy_(table)
         self.table_fitted.fill_(int(self.hash_function not in self.FITTED_FUNCTIONS))
         self._fitted_checked = False
@@ -130,7 +138,10 @@ class HashRouter(nn.Module):
         self._fitted_checked = False
 
     @classmethod
-    def _initial_table(cls, hash_function, num_experts, num_heads, vocab_size, max_positions, seed):
+    def _initial_table(cls, hash_function, num_experts, num_heads, vocab_size, max_positions, seed,
+                       distinct: bool = False):
+        if distinct:  # k distinct experts per key (hash_experts_per_tok): the first k of a random order
+            return random_distinct_table(vocab_size, num_experts, num_heads, seed)
         if hash_function == "bigram":
             return universal_hash_params(num_heads, seed)
         num_keys = {"position": max_positions, "prev_token": vocab_size + 1,
@@ -178,17 +189,23 @@ class HashRouter(nn.Module):
             key_T = {"prev_token": routing.prev_ids_T, "oracle_future": routing.next_ids_T,
                      "position": routing.position_ids_T}.get(self.hash_function, routing.input_ids_T)
             index_TH = self.table[:, key_T].t()
+        logits_TE = None
         if self.gate == "none":
-            weight_TH = torch.ones(index_TH.shape, dtype=x_TD.dtype, device=x_TD.device)
-            return RouterOutput(index_TH.contiguous(), weight_TH, x_TD.new_zeros(()))
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        # V4's "sqrtsoftplus" score; the clamp keeps the gradient finite where softplus underflows to 0
-        weight_TH = torch.sqrt(F.softplus(logits_TE.gather(1, index_TH)).clamp_min(1e-20))
-        if self.num_heads > 1:
+            weight_TH = torch.ones(index_TH.shape, dtype=torch.float32, device=x_TD.device)
+        else:
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            # V4's "sqrtsoftplus" score; the clamp keeps the gradient finite where softplus underflows to 0
+            weight_TH = torch.sqrt(F.softplus(logits_TE.gather(1, index_TH)).clamp_min(1e-20))
+        if self.experts_per_token > 1:
+            if self.normalize:  # V4: the chosen experts' scores over their sum
+                weight_TH = weight_TH / (weight_TH.sum(dim=-1, keepdim=True) + 1e-20)
+        elif self.num_heads > 1 and logits_TE is not None:
             # V4 renormalises the scores of a token's chosen experts (with one head that would fix the weight at
             # 1). The heads here are segments of one FFN, each weighted 1 without a gate, so the weights are
             # renormalised to sum to H, not 1.
             weight_TH = self.num_heads * weight_TH / weight_TH.sum(dim=-1, keepdim=True)
+        if self.scaling_factor != 1.0:
+            weight_TH = weight_TH * self.scaling_factor
         return RouterOutput(index_TH.contiguous(), weight_TH.to(x_TD.dtype), x_TD.new_zeros(()), logits_TE)
 
 
@@ -225,8 +242,18 @@ def drop_over_capacity(expert_index_TK: torch.Tensor, capacity: int, num_experts
     return flat.view(k, num_tokens).t().contiguous()
 
 
+SCORE_FUNCTIONS = {
+    "softmax": lambda logits_TE: logits_TE.softmax(dim=-1),
+    "sigmoid": torch.sigmoid,  # DeepSeek-V3
+    "sqrtsoftplus": lambda logits_TE: torch.sqrt(F.softplus(logits_TE)),  # DeepSeek-V4
+}
+
+
 class SoftmaxRouter(nn.Module):
-    """Learned softmax router: Switch (Fedus et al. 2021: k=1, gate p_i) or top-k (k=2, renormalised gates).
+    """Learned router: Switch (Fedus et al. 2021: k=1, gate p_i) or top-k (renormalised gates by default).
+    Scores are the softmax of the logits, or per expert sigmoid (DeepSeek-V3) or sqrt(softplus) (DeepSeek-V4)
+    (`scoring`); the chosen experts' scores, renormalised (`renormalize`) and scaled (`scaling_factor`), are the
+    gate weights.
 
     Logits in fp32 ("selective precision", Switch sec. 2.4), multiplicative jitter in training, capacity with
     token dropping, alpha-weighted load-balancing loss and optional z-loss.
@@ -238,9 +265,11 @@ class SoftmaxRouter(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, k: int, renormalize: bool, jitter: float,
                  capacity_factor: float | None, eval_capacity_factor: float | None, aux_loss_coef: float,
-                 z_loss_coef: float, init_scale: float, bias_update_rate: float = 0.0):
+                 z_loss_coef: float, init_scale: float, bias_update_rate: float = 0.0, scoring: str = "softmax",
+                 scaling_factor: float = 1.0):
         super().__init__()
         self.num_experts, self.k, self.renormalize, self.jitter = num_experts, k, renormalize, jitter
+        self.scoring, self.scaling_factor = scoring, scaling_factor
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.aux_loss_coef, self.z_loss_coef, self.init_scale = aux_loss_coef, z_loss_coef, init_scale
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
@@ -277,16 +306,20 @@ class SoftmaxRouter(nn.Module):
         if self.training and self.jitter > 0:
             x_TD32 = x_TD32 * torch.empty_like(x_TD32).uniform_(1 - self.jitter, 1 + self.jitter)
         logits_TE = F.linear(x_TD32, self.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
+        scores_TE = SCORE_FUNCTIONS[self.scoring](logits_TE)
         if self.bias_update_rate > 0:
-            index_TK = (probs_TE.detach() + self.score_correction_bias).topk(self.k, dim=-1).indices
-            weight_TK = probs_TE.gather(1, index_TK)
+            index_TK = (scores_TE.detach() + self.score_correction_bias).topk(self.k, dim=-1).indices
+            weight_TK = scores_TE.gather(1, index_TK)
             if self.training:
                 self.chosen_since_update += count_per_expert(index_TK, self.num_experts)
         else:
-            weight_TK, index_TK = probs_TE.topk(self.k, dim=-1)
+            weight_TK, index_TK = scores_TE.topk(self.k, dim=-1)
         if self.renormalize:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.scaling_factor != 1.0:
+            weight_TK = weight_TK * self.scaling_factor
+        # Switch's P_i is a probability: per-expert scores (sigmoid, sqrtsoftplus) are normalised per token first
+        probs_TE = scores_TE if self.scoring == "softmax" else scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, index_TK)
         if self.z_loss_coef > 0:
             aux_loss = aux_loss + self.z_loss_coef * router_z_loss(logits_TE)
@@ -304,9 +337,9 @@ class BaseRouter(nn.Module):
     that trains the centroids. The paper's "+ h_t" is the block's residual connection.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, centroid_gain: float):
+    def __init__(self, hidden_size: int, num_experts: int, centroid_gain: float, scaling_factor: float = 1.0):
         super().__init__()
-        self.centroid_gain = centroid_gain
+        self.centroid_gain, self.scaling_factor = centroid_gain, scaling_factor
         # Not named "expert...": DeepSpeed's checkpointing treats such parameters as expert weights.
         self.centroids = nn.Parameter(torch.empty(num_experts, hidden_size))
 
@@ -319,22 +352,26 @@ class BaseRouter(nn.Module):
             index_T = balanced_assignment(scores_TE)
         else:  # balancing at inference would let future tokens change the route
             index_T = scores_TE.argmax(dim=-1)
-        gate_T = torch.sigmoid((x_TD * self.centroids[index_T].to(x_TD.dtype)).sum(dim=-1))
+        gate_T = torch.sigmoid((x_TD * self.centroids[index_T].to(x_TD.dtype)).sum(dim=-1)) * self.scaling_factor
         return RouterOutput(index_T[:, None], gate_T[:, None], x_TD.new_zeros(()), scores_TE)
 
 
 def build_router(config, layer_idx: int) -> nn.Module:
-    if config.router == "hash":
+    router = config.router_of(layer_idx)
+    scale = config.routed_scaling_factor
+    if router == "hash":
         return HashRouter(config.hash_function, config.num_experts, config.hash_heads, config.vocab_size,
                           config.max_position_embeddings, config.hash_seed + 1000 * layer_idx,
                           gate=config.hash_gate, hidden_size=config.hidden_size,
-                          init_scale=config.router_init_scale)
-    if config.router == "base":
-        return BaseRouter(config.hidden_size, config.num_experts, config.base_centroid_gain)
-    is_switch = config.router == "switch"
+                          init_scale=config.router_init_scale, experts_per_token=config.hash_experts_per_tok,
+                          normalize=config.norm_topk_prob, scaling_factor=scale)
+    if router == "base":
+        return BaseRouter(config.hidden_size, config.num_experts, config.base_centroid_gain, scale)
+    is_switch = router == "switch"
     return SoftmaxRouter(
         config.hidden_size, config.num_experts, k=1 if is_switch else config.num_experts_per_tok,
-        renormalize=not is_switch, jitter=config.router_jitter if is_switch else 0.0,
+        renormalize=config.norm_topk_prob and not is_switch, jitter=config.router_jitter if is_switch else 0.0,
         capacity_factor=config.capacity_factor, eval_capacity_factor=config.eval_capacity_factor,
         aux_loss_coef=config.router_aux_loss_coef, z_loss_coef=config.router_z_loss_coef,
-        init_scale=config.router_init_scale, bias_update_rate=config.router_bias_update_rate)
+        init_scale=config.router_init_scale, bias_update_rate=config.router_bias_update_rate,
+        scoring=config.scoring_func, scaling_factor=scale)

@@ -160,12 +160,9 @@ class Staircase:
     def _output_kv(self, h_BFD: torch.Tensor):
         """Per-layer (k, v) of finished tokens from their output states: each layer projects the same states with
         its own norm and key/value weights (memory_form "output")."""
-        B, F, D = h_BFD.shape
         kv = []
         for block in self.blocks:
-            attn = block.self_attn
-            qkv = attn.qkv_proj(block.input_layernorm(h_BFD)).view(B, F, 3, attn.num_heads, attn.head_dim)
-            _, k, v = qkv.permute(2, 0, 3, 1, 4)
+            _, k, v = block.self_attn.project(block.input_layernorm(h_BFD), rotary=None)  # no RoPE with a staircase
             kv.append((k, v))
         return kv
 

@@ -25,6 +25,8 @@ examples:
   hashmoe slurm recipes/tiny-ep2.yaml --nodes 2 --gpus-per-node 4 --partition gpu --time 4:00:00
   mpirun -np 2 hashmoe train recipes/tiny-ep2.yaml         OpenMPI ranks
   hashmoe export runs/tiny/checkpoints/step_300 out/tiny  one HF folder with every expert
+  hashmoe convert Qwen3-30B-A3B/ out/qwen3-hashmoe        a transformers checkpoint as a hashmoe model
+  hashmoe convert out/tiny out/tiny-native --to-native    a hashmoe model as transformers' own class
   hashmoe push runs/tiny --repo-id alice/hash-moe-tiny    export, model card, upload to the Hub
 """
 
@@ -114,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
                                  "code and the tokenizer. Loadable with trust_remote_code=True.")
     export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N (or RUN_DIR for the latest)")
     export.add_argument("out_dir", help="folder to write")
+
+    convert = commands.add_parser(
+        "convert", help="bring a Llama/Qwen3/Qwen3-MoE/Mixtral checkpoint into hashmoe, or a hashmoe model out",
+        description="Convert the model folder SRC into OUT. By default SRC is a transformers checkpoint "
+        "(LlamaForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM or MixtralForCausalLM, safetensors) and OUT a "
+        "hashmoe model folder that computes the same logits (load it with trust_remote_code=True, like an export; "
+        "train from it with model.init_from). With --to-native, SRC is a hashmoe folder and OUT the folder of the "
+        "transformers class that computes the same thing, loadable without trust_remote_code; a model with an "
+        "option no native class has (a hash router, say) is refused with the option named. Weights are streamed "
+        "one layer at a time from the source's shards and keep their dtype; the tokenizer and generation config "
+        "are copied.")
+    convert.add_argument("source", metavar="SRC", help="model folder (config.json + safetensors)")
+    convert.add_argument("out_dir", metavar="OUT", help="folder to write (replaced if it exists)")
+    convert.add_argument("--to-native", action="store_true", help="SRC is a hashmoe folder: write transformers' "
+                         "own class (Llama, Qwen3, Qwen3-MoE or Mixtral, whichever computes it)")
+    convert.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                         help="largest safetensors shard to write, in GB (default 5, as transformers)")
 
     push = commands.add_parser("push", help="publish a run or an exported folder to the Hugging Face Hub",
                                description="Upload an exported model (OUT_DIR of `hashmoe export`) or a run folder "
@@ -266,6 +285,23 @@ def run_slurm(args) -> int:
     return slurm_command(args.config, args.overrides, args.output, request, args.dry_run)
 
 
+def run_convert(args) -> int:
+    from tqdm.auto import tqdm
+
+    from trainer.convert import convert
+
+    if not args.max_shard_size > 0:
+        raise UserError("--max-shard-size", f"is {args.max_shard_size}", "Use a positive size in GB, e.g. 5.")
+    with tqdm(desc="hashmoe convert: layers", unit="layer", disable=None) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        out = convert(args.source, args.out_dir, to_native=args.to_native,
+                      max_shard_bytes=int(args.max_shard_size * 10**9), progress=progress)
+    print(f"hashmoe: converted {args.source} to {out}")
+    return 0
+
+
 def run_export(args) -> int:
     from trainer.export import export_checkpoint
 
@@ -331,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {"train": run_train, "launch": run_launch, "slurm": run_slurm, "export": run_export, "push": run_push,
                 "compare": run_compare, "bench": run_bench,
-                "prepare": run_prepare}
+                "prepare": run_prepare, "convert": run_convert}
     # For this command only (main() also runs in-process, in tests and tools); launched ranks inherit them.
     saved_environ = {key: os.environ.get(key) for key in ("HASHMOE_DEBUG", "DS_ACCELERATOR")}
     if args.debug:

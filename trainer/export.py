@@ -3,7 +3,7 @@
 DeepSpeed keeps the non-expert weights in mp_rank_00_model_states.pt (our router lives there, under the MoE
 wrapper's `deepspeed_moe.gate.`) and one file per global expert slot. Slot g of layer prefix P holds
 `P.deepspeed_moe.experts.deepspeed_experts.g.w1/.w2`; with multi-hash, slot g is segment g % S of expert
-g // S. Reassembling needs only the files, not the world size or ep_size that wrote them.
+g // S (the bank's `from_slots` puts them back). Reassembling needs only the files, not the world size or ep_size that wrote them.
 """
 
 from __future__ import annotations
@@ -39,33 +39,27 @@ def hf_state_dict(checkpoint_dir: Path, model) -> dict[str, torch.Tensor]:
     """The HF model's state dict, assembled from DeepSpeed's files."""
     main = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     state = {key.replace(GATE, "."): value for key, value in main["module"].items()}
-    banks = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "experts") and hasattr(module.experts, "num_slots"):
-            bank = module.experts
-            banks[name] = (bank, torch.empty_like(bank.w1), torch.empty_like(bank.w2), set())
+    banks = {name: module.experts for name, module in model.named_modules()
+             if hasattr(module, "experts") and hasattr(module.experts, "num_slots")}
+    pieces = {prefix: {} for prefix in banks}  # prefix -> {(param, slot): tensor}
     for path in sorted(checkpoint_dir.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
         for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
             match = EXPERT_KEY.match(key)
             if match is None or match["prefix"] not in banks:
                 raise UserError(str(path), f"holds an unexpected key {key!r}", "Export a checkpoint written by hashmoe.")
-            bank, w1, w2, seen = banks[match["prefix"]]
             slot = int(match["slot"])
-            if slot >= bank.num_slots:
+            if slot >= banks[match["prefix"]].num_slots:
                 raise UserError("model.num_experts", f"{path.name} holds slot {slot} but the model has "
-                                f"{bank.num_slots} slots", "Export with the run's own config.")
-            expert, segment = divmod(slot, bank.num_segments)
-            hidden = slice(segment * bank.segment_size, (segment + 1) * bank.segment_size)
-            if match["param"] == "w1":
-                w1[expert, hidden] = value
-            else:
-                w2[expert, :, hidden] = value
-            seen.add((slot, match["param"]))
-    for prefix, (bank, w1, w2, seen) in banks.items():
-        if len(seen) != 2 * bank.num_slots:
-            raise UserError(str(checkpoint_dir), f"{prefix}: found {len(seen) // 2} of {bank.num_slots} expert "
+                                f"{banks[match['prefix']].num_slots} slots", "Export with the run's own config.")
+            pieces[match["prefix"]][(match["param"], slot)] = value
+    for prefix, bank in banks.items():
+        found = pieces[prefix]
+        if len(found) != 2 * bank.num_slots:
+            raise UserError(str(checkpoint_dir), f"{prefix}: found {len(found) // 2} of {bank.num_slots} expert "
                             "files", "The checkpoint is incomplete; export an earlier one.")
-        state[f"{prefix}.experts.w1"], state[f"{prefix}.experts.w2"] = w1, w2
+        for param in ("w1", "w2"):  # the bank's own slot layout (segments, gate and up rows) in reverse
+            slots = torch.stack([found[(param, g)] for g in range(bank.num_slots)])
+            state[f"{prefix}.experts.{param}"] = bank.from_slots(param, slots)
     return state
 
 

@@ -56,7 +56,7 @@ def build_model(config: RunConfig, data: PreparedData):
 
     torch.manual_seed(config.run.seed)
     model = HashMoEForCausalLM(build_model_config(config, data))
-    fitted_from_counts = model.config.router == "hash" and model.config.hash_function in HashRouter.BALANCED_FUNCTIONS
+    fitted_from_counts = "hash" in model.config.routers and model.config.hash_function in HashRouter.BALANCED_FUNCTIONS
     if model.config.is_moe and fitted_from_counts:
         model.fit_hash_tables(token_counts=data.train_token_counts)
     if config.model.get("gradient_checkpointing"):
@@ -413,7 +413,9 @@ def check_resumable(config: RunConfig, checkpoint_dir: Path, saved: dict) -> Non
 
     now = HashMoEConfig(**model_config_fields(config.model), vocab_size=config.data.vocab_size).to_dict()
     for key in ("num_experts", "moe_layers", "hidden_size", "num_hidden_layers", "router", "hash_heads",
-                "expert_intermediate_size", "intermediate_size", "recurrence", "frozen_ffn_size", "ffn_linear"):
+                "expert_intermediate_size", "intermediate_size", "recurrence", "frozen_ffn_size", "ffn_linear",
+                "gated_ffn", "num_key_value_heads", "head_dim", "qk_norm", "position_embedding_type", "norm_type",
+                "num_shared_experts", "hash_experts_per_tok", "tie_word_embeddings"):
         if key in saved and saved[key] != now.get(key):
             raise UserError(f"model.{key}", f"the checkpoint in {checkpoint_dir} was trained with {key}="
                             f"{saved[key]!r}, this config says {now.get(key)!r}",

@@ -40,6 +40,7 @@ from models.modeling_hashmoe import (
     HashMoESparseMLP,
     experts_implementation,
     moe_layer_stats,
+    with_shared_experts,
 )
 from models.routing import BaseRouter, RoutingInputs
 from trainer.errors import debug_enabled
@@ -51,12 +52,12 @@ SLOT_KEY = re.compile(r"^deepspeed_experts\.(\d+)\.(w[12])$")
 class LocalExperts(ExpertBank):
     """This rank's experts of one layer, `num_experts / ep_size` consecutive experts of the model's bank, in the
     place of DeepSpeed's `Experts` (deepspeed_moe.experts). Its state dict holds DeepSpeed's per-slot keys,
-    `deepspeed_experts.{local slot}.w1` [S, D] and `.w2` [D, S], and loads them back, so the engine's
+    `deepspeed_experts.{local slot}.w1` [C*S, D] and `.w2` [D, S], and loads them back, so the engine's
     checkpoint files (and export, and by-name optimizer state) are the same at every ep_size."""
 
     def __init__(self, bank: ExpertBank, ep_size: int, ep_rank: int, group_name: str):
         local = bank.num_experts // ep_size
-        super().__init__(local, bank.w1.shape[2], bank.w1.shape[1], bank.activation, bank.num_segments)
+        super().__init__(local, bank.w1.shape[2], bank.expert_size, bank.activation, bank.num_segments, bank.gated)
         if ep_size == 1:  # the model's bank itself: no copy
             self.w1, self.w2 = bank.w1, bank.w2
         else:  # this rank's slice; the full bank goes with the module it replaces
@@ -120,6 +121,8 @@ class ExpertParallelMoE(MoE):
         self.shuffle_tokens = isinstance(sparse_mlp.router, BaseRouter)
         self.deepspeed_moe.gate = RouterGate(sparse_mlp.router)
         self.deepspeed_moe.experts = LocalExperts(bank, ep_size, ep_rank, self.expert_group_name)
+        if hasattr(sparse_mlp, "shared_mlp"):  # replicated on every rank, data-parallel like the attention
+            self.shared_mlp = sparse_mlp.shared_mlp
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
         # DeepSpeed prints "No existing process group found, creating a new group named ..." for every layer of
@@ -152,7 +155,7 @@ class ExpertParallelMoE(MoE):
                         experts_implementation(self.config))
         if shuffle:
             y_TD = torch.empty_like(y_TD).index_copy_(0, perm_T, _AllToAll.apply(group, y_TD.contiguous()))
-        return y_TD.view_as(x_BSD), moe_layer_stats(routed, self.num_model_experts)
+        return with_shared_experts(self, x_BSD, y_TD.view_as(x_BSD)), moe_layer_stats(routed, self.num_model_experts)
 
 
 def parallelize(model: HashMoEForCausalLM, ep_size: int, rank: int) -> HashMoEForCausalLM:

@@ -31,15 +31,15 @@ def naive_moe(x_TD, index_TK, weight_TK, bank):
     return torch.stack(rows)
 
 
-def make_bank(num_experts, segments, dtype=torch.float32, activation="gelu"):
+def make_bank(num_experts, segments, dtype=torch.float32, activation="gelu", gated=False):
     torch.manual_seed(0)
-    bank = ExpertBank(num_experts, 8, 16, activation, num_segments=segments).to(dtype)
+    bank = ExpertBank(num_experts, 8, 16, activation, num_segments=segments, gated=gated).to(dtype)
     bank.reset_parameters(0.3, 0.3)
     return bank
 
 
 def as_float64(bank):
-    ref = ExpertBank(bank.num_experts, bank.w1.shape[2], bank.w1.shape[1], bank.activation, bank.num_segments)
+    ref = bank.shaped_like(bank.num_experts)
     ref.load_state_dict({k: v.double() for k, v in bank.state_dict().items()})
     return ref.double()
 
@@ -51,10 +51,11 @@ def dispatch_and_grads(bank, x, index, weight, implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
+@pytest.mark.parametrize("activation,gated", [("gelu", False), ("relu", False), ("silu", False), ("silu", True),
+                                              ("gelu", True)])
 @pytest.mark.parametrize("segments,k", [(1, 1), (1, 2), (4, 4), (2, 2)])
-def test_dispatch_equals_naive_loop_outputs_and_gradients(implementation, activation, segments, k):
-    bank = make_bank(5, segments, activation=activation)
+def test_dispatch_equals_naive_loop_outputs_and_gradients(implementation, activation, gated, segments, k):
+    bank = make_bank(5, segments, activation=activation, gated=gated)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(23, 8, generator=g)
     index = torch.randint(-1, 5, (23, k), generator=g)  # -1 = dropped
@@ -111,14 +112,28 @@ def test_all_tokens_dropped_still_backpropagates(implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_multi_hash_segments_on_one_expert_equal_the_whole_ffn(implementation):
-    """Multi-hash (Roller et al. sec. 3): segment outputs concatenated = the expert's full FFN."""
-    bank = make_bank(3, 4)
+@pytest.mark.parametrize("gated", [False, True])
+def test_multi_hash_segments_on_one_expert_equal_the_whole_ffn(implementation, gated):
+    """Multi-hash (Roller et al. sec. 3): segment outputs concatenated = the expert's full FFN; gated, w1 is
+    transformers' [gate; up] layout (`gate_up_proj`), written out here by hand."""
+    bank = make_bank(3, 4, gated=gated)
     x = torch.randn(7, 8)
     index = torch.full((7, 4), 2)
     y = dispatch(x, index, torch.ones(7, 4), bank, implementation=implementation)
-    whole = torch.nn.functional.gelu(x @ bank.w1[2].t()) @ bank.w2[2].t()
+    if gated:
+        gate, up = bank.w1[2, :16], bank.w1[2, 16:]
+        whole = (torch.nn.functional.gelu(x @ gate.t()) * (x @ up.t())) @ bank.w2[2].t()
+    else:
+        whole = torch.nn.functional.gelu(x @ bank.w1[2].t()) @ bank.w2[2].t()
     torch.testing.assert_close(y, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gated,segments", [(False, 1), (False, 4), (True, 1), (True, 4)])
+def test_slot_layout_round_trips(gated, segments):
+    bank = make_bank(3, segments, gated=gated)
+    for name in ("w1", "w2"):
+        weight = getattr(bank, name)
+        torch.testing.assert_close(bank.from_slots(name, bank.to_slots(name, weight)), weight, rtol=0, atol=0)
 
 
 def test_unknown_implementation_names_the_choices():
@@ -139,31 +154,31 @@ def test_positions_in_slot_counts_within_each_slot_in_the_order_given():
     assert positions_in_slot(slot, 3).tolist() == [0, 0, 1, 0, 1, 2]
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
+@pytest.mark.parametrize("activation,gated", [("gelu", False), ("relu", False), ("silu", False), ("silu", True)])
 @pytest.mark.parametrize("segments,counts", [(1, [3, 0, 4, 0]), (2, [2, 0, 0, 3, 1, 1, 2]), (1, [0, 0, 0, 2])])
-def test_expert_ffn_backward_passes_gradcheck(activation, segments, counts):
+def test_expert_ffn_backward_passes_gradcheck(activation, gated, segments, counts):
     """The hand-written backward of the expert_ffn op: the loop against finite differences (float64), grouped_mm
     (no float64 kernel) against the loop in float32; empty slots and dropped rows (the last count: rows after
     every slot's, which must give 0) included; and torch.library's op checks for both."""
-    bank = ExpertBank(3, 4, 4 * segments, activation, num_segments=segments).double()
+    bank = ExpertBank(3, 4, 4 * segments, activation, num_segments=segments, gated=gated).double()
     bank.reset_parameters(0.5, 0.5)
     x = torch.randn(sum(counts), 4, dtype=torch.float64, requires_grad=True)
     w1_GSD, w2_GDS = (w.detach().clone().requires_grad_() for w in bank.slot_weights())
     counts_G = torch.tensor(counts[:-1])
-    assert torch.autograd.gradcheck(lambda x, w1, w2: expert_ffn(x, w1, w2, counts_G, activation, False),
+    assert torch.autograd.gradcheck(lambda x, w1, w2: expert_ffn(x, w1, w2, counts_G, activation, False, gated),
                                     (x, w1_GSD, w2_GDS))
     inputs32 = [t.detach().float().requires_grad_() for t in (x, w1_GSD, w2_GDS)]
     assert use_grouped_mm("grouped_mm", *inputs32)
     g = torch.randn(x.shape)
     results = {}
     for grouped in (True, False):
-        y = expert_ffn(*inputs32, counts_G, activation, grouped)
+        y = expert_ffn(*inputs32, counts_G, activation, grouped, gated)
         assert torch.equal(y[sum(counts[:-1]):], torch.zeros(counts[-1], 4))
         results[grouped] = (y, *torch.autograd.grad(y, inputs32, g))
         plain = [t.detach() for t in inputs32]
-        torch.library.opcheck(expert_ffn_forward, (*plain, counts_G, activation, grouped))
-        _, pre, h = expert_ffn_forward(*plain, counts_G, activation, grouped)
-        torch.library.opcheck(expert_ffn_backward, (g, *plain, pre, h, counts_G, activation, grouped))
+        torch.library.opcheck(expert_ffn_forward, (*plain, counts_G, activation, grouped, gated))
+        _, pre, h = expert_ffn_forward(*plain, counts_G, activation, grouped, gated)
+        torch.library.opcheck(expert_ffn_backward, (g, *plain, pre, h, counts_G, activation, grouped, gated))
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

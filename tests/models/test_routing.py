@@ -244,3 +244,64 @@ def test_the_choice_before_capacity_is_reported_beside_what_was_kept():
     out = router(x, routing_for([0] * 6))
     assert out.chosen_index_TK[:, 0].tolist() == [0, 0, 0, 0, 0, 1]
     assert out.expert_index_TK[:, 0].tolist() == [0, 0, 0, -1, -1, 1]
+
+
+# ---- DeepSeek-V4's MoE layers, against transformers' own classes ------------------------------------------------
+def deepseek_v4_pair(router: str, seed: int = 0):
+    """transformers' DeepseekV4SparseMoeBlock (hash or learned top-k layer, shared expert included) and hashmoe's
+    MoE layer with the same weights and table. V4's SwiGLU clamp (swiglu_limit) is set out of reach: hashmoe does
+    not offer it."""
+    from transformers.models.deepseek_v4 import configuration_deepseek_v4, modeling_deepseek_v4
+
+    from models import HashMoEConfig
+    from models.modeling_hashmoe import HashMoESparseMLP
+
+    torch.manual_seed(seed)
+    native_config = configuration_deepseek_v4.DeepseekV4Config(
+        vocab_size=V, hidden_size=16, moe_intermediate_size=12, num_hidden_layers=1, n_routed_experts=6,
+        num_experts_per_tok=3, n_shared_experts=1, routed_scaling_factor=1.5, swiglu_limit=1e9,
+        mlp_layer_types=["hash_moe" if router == "hash" else "moe"])
+    native = modeling_deepseek_v4.DeepseekV4SparseMoeBlock(native_config, 0).eval()
+    with torch.no_grad():
+        for param in native.parameters():
+            param.normal_(0, 0.3)
+    # the V4 layout in one config line: hash in the first MoE layer, learned top-k above
+    config = HashMoEConfig(vocab_size=V, hidden_size=16, num_attention_heads=2, num_hidden_layers=2, moe_layers=[0, 1],
+                           num_experts=6, expert_intermediate_size=12, router=["hash", "topk"], hidden_act="silu",
+                           gated_ffn=True, num_shared_experts=1, routed_scaling_factor=1.5, norm_topk_prob=True,
+                           hash_function="random", hash_experts_per_tok=3, hash_gate="sqrtsoftplus",
+                           num_experts_per_tok=3, scoring_func="sqrtsoftplus", capacity_factor=None)
+    ours = HashMoESparseMLP(config, 0 if router == "hash" else 1).eval()
+    with torch.no_grad():
+        ours.router.weight.copy_(native.gate.weight)
+        if router == "hash":
+            native.gate.tid2eid.copy_(ours.router.table.t())  # k distinct experts per token id
+        ours.experts.w1.copy_(native.experts.gate_up_proj)
+        ours.experts.w2.copy_(native.experts.down_proj)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(ours.shared_mlp, name).weight.copy_(getattr(native.shared_experts, name).weight)
+    return native, ours
+
+
+@pytest.mark.parametrize("router", ["hash", "topk"])
+def test_deepseek_v4_moe_layer_equals_transformers(router):
+    """The V4 layout's two layer kinds: the hash layer (tid2eid table of k experts, sqrtsoftplus gate normalised
+    over them, routed_scaling_factor, shared expert) and the learned layer (sqrtsoftplus top-k)."""
+    native, ours = deepseek_v4_pair(router)
+    ids_BS = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(2))
+    x_BSD = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(3))
+    if router == "hash":
+        table = ours.router.table
+        assert table.shape == (3, V) and all(len(set(table[:, v].tolist())) == 3 for v in range(V))
+    with torch.no_grad():
+        want = native(x_BSD, ids_BS) if router == "hash" else native(x_BSD)
+        got, stats = ours(x_BSD, routing_for_batch(ids_BS))
+    assert (got - want).abs().max().item() <= 1e-5
+    assert stats.router.expert_index_TK.shape == (21, 3)
+
+
+def routing_for_batch(ids_BS):
+    from models.modeling_hashmoe import routing_inputs
+
+    B, S = ids_BS.shape
+    return routing_inputs(ids_BS, torch.arange(S).expand(B, S), V)

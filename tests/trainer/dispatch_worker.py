@@ -20,7 +20,17 @@ CASES = {"hash": dict(router="hash", hash_function="random"),
          "topk": dict(router="topk", capacity_factor=None),
          "switch-capacity": dict(router="switch", capacity_factor=1.0, router_jitter=0.0),  # drops routes
          "skewed": dict(router="hash", hash_function="position"),
-         "one-rank": dict(router="switch", capacity_factor=None, router_jitter=0.0)}
+         "one-rank": dict(router="switch", capacity_factor=None, router_jitter=0.0),
+         # the 2026 block: SwiGLU experts and a shared expert, GQA, RoPE, RMSNorm, QK-norm, a sigmoid router
+         "modern": dict(router="topk", capacity_factor=None, gated_ffn=True, hidden_act="silu", num_shared_experts=1,
+                        scoring_func="sigmoid", norm_topk_prob=False, routed_scaling_factor=2.0,
+                        position_embedding_type="rope", norm_type="rmsnorm", qk_norm=True, num_key_value_heads=1,
+                        head_dim=12),
+         # DeepSeek-V4's layout: a hash layer of k whole experts under a sqrtsoftplus gate, a learned layer above
+         "v4-layout": dict(router=["hash", "topk"], hash_function="random", hash_experts_per_tok=2,
+                           hash_gate="sqrtsoftplus", scoring_func="sqrtsoftplus", routed_scaling_factor=1.5,
+                           capacity_factor=None, gated_ffn=True, hidden_act="silu", num_shared_experts=1),
+         "hash-multi-gated": dict(router="hash", hash_function="random", hash_heads=2, gated_ffn=True)}
 
 
 def main(out_path: str) -> None:
@@ -74,7 +84,7 @@ def compare(name: str, extra: dict, implementation: str, rank: int) -> dict:
         if router_grad is not None:
             diffs.append((router_grad - ref_params[f"{ref_prefix}.router.weight"].grad).abs().max().item())
     for name_, param in engine.module.named_parameters():
-        if ".mlp." not in name_:
+        if ".mlp." not in name_ or ".shared_mlp." in name_:  # shared experts: replicated, this rank's tokens
             diffs.append((param.grad - ref_params[name_].grad).abs().max().item())
             largest = max(largest, param.grad.abs().max().item())
     return {"logits_max_abs_diff": (out.logits - ref.logits).abs().max().item(),

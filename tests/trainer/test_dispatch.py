@@ -29,7 +29,7 @@ def test_expert_parallel_dispatch_equals_one_process_outputs_and_gradients(tmp_p
     idle, dropped = 0, 0
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank_{rank}.json").read_text())
-        assert len(results) == 12  # 6 cases x (grouped_mm, eager)
+        assert len(results) == 18  # 9 cases x (grouped_mm, eager)
         idle += results["skewed/grouped_mm"]["expert_slices_without_rows"]
         dropped += results["switch-capacity/grouped_mm"]["dropped"]
         for case, r in results.items():

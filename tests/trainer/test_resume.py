@@ -58,8 +58,21 @@ def test_preempted_and_resumed_run_matches_uninterrupted_run_bitwise(corpus, tmp
     assert [r["valid/loss"] for r in cut_valid if r["step"] == 20] == [r["valid/loss"] for r in ref_valid if r["step"] == 20]
 
 
-@pytest.mark.parametrize("first,second", [((2, 2), (1, 1)), ((1, 1), (2, 2))])
-def test_resume_at_another_expert_parallel_size_continues_the_same_run(first, second, corpus, tmp_path):
+# The 2026 block (SwiGLU experts in a gated bank, a shared expert, RoPE, RMSNorm, QK-norm, GQA, untied embeddings)
+# with DeepSeek-V4's layout (a hash layer of k whole experts under a gate, then a learned top-k layer).
+MODERN = dict(model__gated_ffn=True, model__hidden_act="silu", model__num_shared_experts=1,
+              model__position_embedding_type="rope", model__norm_type="rmsnorm", model__qk_norm=True,
+              model__num_key_value_heads=2, model__tie_word_embeddings=False, model__moe_layers=[0, 1],
+              model__router=["hash", "topk"], model__hash_function="random", model__hash_experts_per_tok=2,
+              model__hash_gate="sqrtsoftplus", model__capacity_factor=None,
+              # Switch's balancing loss is computed per rank on its own tokens (as in DeepSpeed and Megatron), a
+              # different function of the batch at another world size: off, so 1 and 2 processes train alike
+              model__router_aux_loss_coef=0.0)
+
+
+@pytest.mark.parametrize("first,second,block", [((2, 2), (1, 1), "gpt2"), ((1, 1), (2, 2), "gpt2"),
+                                                ((2, 2), (1, 1), "modern")])
+def test_resume_at_another_expert_parallel_size_continues_the_same_run(first, second, block, corpus, tmp_path):
     """(processes, ep_size) -> (processes, ep_size) at step 4: weights, schedule, data position and Adam
     moments carry over, so steps 5-8 match a run that never stopped (ep1 == ep2 up to float rounding)."""
     corpus_file, cache = corpus
@@ -67,7 +80,7 @@ def test_resume_at_another_expert_parallel_size_continues_the_same_run(first, se
     def config(run_dir, layout, max_steps):
         return base_config(run_dir, corpus_file, cache, parallel__ep_size=layout[1], optim__max_steps=max_steps,
                            optim__micro_batch_size=4 // layout[0], optim__schedule="constant",
-                           logging__eval_every=100, checkpoint__every=4)
+                           logging__eval_every=100, checkpoint__every=4, **(MODERN if block == "modern" else {}))
 
     check(run(train_command(write_config(tmp_path / "ref.yaml", config(tmp_path / "ref", second, 8)), second[0])))
     run_dir = tmp_path / "run"
@@ -93,14 +106,17 @@ def export_and_load(checkpoint_dir, out_dir):
     return AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True).eval()
 
 
-@pytest.mark.parametrize("hash_heads", [1, 2])
-def test_export_gathers_every_expert_and_reproduces_the_training_models_valid_loss(hash_heads, corpus, tmp_path):
+@pytest.mark.parametrize("variant", ["one-head", "multi-hash", "modern-multi-hash"])
+def test_export_gathers_every_expert_and_reproduces_the_training_models_valid_loss(variant, corpus, tmp_path):
     from trainer.config import load_config
     from trainer.data import prepare_data
 
     corpus_file, cache = corpus
     run_dir = tmp_path / "run"
-    extra = dict(model__hash_function="random", model__hash_heads=2) if hash_heads == 2 else {}
+    extra = dict(model__hash_function="random", model__hash_heads=2) if "multi-hash" in variant else {}
+    if variant.startswith("modern"):  # segments of a gated bank: [gate; up] rows per slot, reassembled by export
+        extra.update({k: v for k, v in MODERN.items() if "hash" not in k and "router" not in k}, model__router="hash",
+                     model__moe_layers=[1])
     config = base_config(run_dir, corpus_file, cache, parallel__ep_size=2, optim__micro_batch_size=2,
                          optim__max_steps=6, logging__eval_every=6, logging__eval_blocks=0, **extra)
     path = write_config(tmp_path / "run.yaml", config)
