@@ -57,8 +57,8 @@ class HashMoEConfig(PretrainedConfig):
             embeddings, added to the token embeddings) or `rope` (rotary embeddings on queries and keys, Su et al.
             2021, through transformers' rope utilities).
         rope_parameters (`dict`, *optional*): transformers' RoPE settings for `rope`, e.g. `{"rope_type":
-            "default", "rope_theta": 10000.0}` (also "linear", "yarn", "llama3", "longrope"); standardised by
-            transformers.
+            "default", "rope_theta": 10000.0}` (also "linear", "dynamic", "yarn", "llama3", "longrope");
+            standardised and computed by transformers' rope utilities.
         norm_type (`str`, defaults to `"layernorm"`): `layernorm` (GPT-2) or `rmsnorm` (Zhang & Sennrich 2019;
             Llama, Qwen3, Mixtral, DeepSeek), for the block norms, the final norm and `qk_norm`.
         hidden_act (`str`, defaults to `"gelu"`): FFN activation, one of gelu, relu, silu.
@@ -261,9 +261,6 @@ class HashMoEConfig(PretrainedConfig):
             if self.head_dim % 2:
                 fail("head_dim", f"RoPE rotates pairs of dimensions but head_dim={self.head_dim} is odd",
                      "Use an even head_dim.")
-            if (self.rope_parameters or {}).get("rope_type", "default") == "dynamic":
-                fail("rope_parameters", "rope_type 'dynamic' rescales with the sequence length at run time, "
-                     "which hashmoe does not offer", "Use default, linear, yarn, llama3 or longrope.")
             if (self.recurrence or {}).get("kind") == "staircase":
                 fail("position_embedding_type", "rope is not offered with a staircase recurrence yet (its "
                      "windows attend over relative slots, not absolute positions)", "Use absolute positions.")

@@ -29,9 +29,10 @@ from torch import nn
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 # transformers' names (config._experts_implementation, from_pretrained(experts_implementation=...)): "grouped_mm"
-# runs torch._grouped_mm where its kernel takes the tensors, "eager" a loop of one matmul per slot; unset, the
-# bank picks per device (`use_grouped_mm`).
-EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")
+# runs torch._grouped_mm where its kernel takes the tensors, "eager" a loop of one matmul per slot, "batched_mm"
+# one batched matmul over every route with its slot's weights gathered per route (`batched_expert_ffn`: for
+# inference, not training); unset, the bank picks per device (`use_grouped_mm`).
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 
 
 class ExpertBank(nn.Module):
@@ -115,9 +116,27 @@ class ExpertBank(nn.Module):
         the last slot's (dropped routes, sorted last) give 0. Called through the module (not a method of it), so
         hooks on the bank (accelerate's offload) see the weights."""
         w1_GSD, w2_GDS = self.slot_weights()
+        if implementation == "batched_mm":
+            return batched_expert_ffn(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G[:self.num_slots], self.activation,
+                                      self.gated)
         grouped = use_grouped_mm(implementation, x_AD, w1_GSD, w2_GDS)
         return expert_ffn(x_AD, w1_GSD, w2_GDS, tokens_per_slot_G[:self.num_slots], self.activation, grouped,
                           self.gated)
+
+
+def batched_expert_ffn(x_AD: torch.Tensor, w1_GSD: torch.Tensor, w2_GDS: torch.Tensor,
+                       tokens_per_slot_G: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """transformers' "batched_mm": every kept row times its own slot's weights, gathered per row, in one batched
+    matmul per projection (autograd differentiates it). It holds a copy of the weights per route ([A, C*S, D] and
+    [A, D, S]), so it fits inference on a few tokens (decoding), where one launch beats a loop over experts; in
+    training the grouped GEMM or the per-slot loop (`expert_ffn`) computes the same without the copies."""
+    kept = int(tokens_per_slot_G.sum())
+    slots = torch.arange(tokens_per_slot_G.shape[0], device=x_AD.device)
+    slot_A = torch.repeat_interleave(slots, tokens_per_slot_G.to(x_AD.device), output_size=kept)
+    pre_AC = torch.bmm(w1_GSD[slot_A], x_AD[:kept, :, None]).squeeze(-1)
+    y_AD = torch.bmm(w2_GDS[slot_A], glu_or_act(pre_AC, activation, gated)[:, :, None]).squeeze(-1)
+    dropped = x_AD.shape[0] - kept  # rows past the last slot's give 0
+    return torch.cat([y_AD, y_AD.new_zeros(dropped, y_AD.shape[1])]) if dropped else y_AD
 
 
 def glu_or_act(pre_NC: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
@@ -148,7 +167,8 @@ def use_grouped_mm(implementation: str | None, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"experts_implementation={implementation!r} is not offered by hashmoe's expert bank: "
                          f"use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}.")
     x = tensors[0]
-    if implementation == "eager" or not hasattr(torch, "_grouped_mm") or (implementation is None and not x.is_cuda):
+    if implementation in ("eager", "batched_mm") or not hasattr(torch, "_grouped_mm") or \
+            (implementation is None and not x.is_cuda):
         return False
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.device.type not in ("cpu", "cuda"):
         return False

@@ -32,7 +32,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hashmoe import HashMoEConfig
@@ -90,7 +90,8 @@ class HashMoEModelOutput(MoeModelOutputWithPast):
 
 @dataclass
 class HashMoECausalLMOutput(MoeCausalLMOutputWithPast):
-    """`loss` = `lm_loss` + `aux_loss` (transformers' causal-LM loss plus the routers' auxiliary losses).
+    """`loss` = `lm_loss` + `aux_loss` (transformers' causal-LM loss plus the routers' auxiliary losses; `aux_loss`
+    is returned with labels or `output_router_logits`, as in transformers' MoE models).
     Per MoE layer: `router_logits` and `expert_indices` (when `output_router_logits`), and always `expert_load`
     ([E] assignments per expert, summed over ladder passes), `expert_load_chosen` (before capacity) and
     `dropped_tokens`."""
@@ -163,33 +164,49 @@ def make_norm(config: HashMoEConfig, size: int) -> nn.Module:
     return nn.LayerNorm(size, eps=config.layer_norm_eps)
 
 
-def rope_frequencies(config: HashMoEConfig, device) -> tuple[torch.Tensor, float]:
-    """RoPE's inverse frequencies [rotary dims / 2] and the cos/sin scale, from transformers' rope utilities
-    (config.rope_parameters: rope_type, rope_theta, partial_rotary_factor, scaling settings)."""
-    params = config.rope_parameters
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        return ROPE_INIT_FUNCTIONS[rope_type](config, device)
-    dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    return 1.0 / (params["rope_theta"] ** exponents), 1.0
+class HashMoERotaryEmbedding(nn.Module):
+    """cos and sin of the rotation angles position * inv_freq, per position id, in transformers' rotary layout and
+    interface (`inv_freq` / `original_inv_freq` buffers, `rope_type`, `attention_scaling`), so transformers'
+    rope utilities apply as they do to its own models: the scaled types (linear, yarn, llama3, longrope) through
+    `ROPE_INIT_FUNCTIONS`, and the sequence-length-dependent ones (dynamic, longrope) through
+    `dynamic_rope_update`, which recomputes the frequencies when a longer input arrives."""
 
-
-class RotaryEmbedding(nn.Module):
-    """cos and sin of the rotation angles position * inv_freq, per position id. The frequencies are recomputed
-    per call (a few hundred floats) rather than kept as a buffer, so a model built on the meta device (as
-    from_pretrained builds it) needs nothing re-initialised."""
-
-    def __init__(self, config: HashMoEConfig):
+    def __init__(self, config: HashMoEConfig, device=None):
         super().__init__()
         self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = self.frequencies(config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: HashMoEConfig, device=None, seq_len=None,
+                                        **kwargs) -> tuple[torch.Tensor, float]:
+        """RoPE's own frequencies (Su et al. 2021): theta^(-2i / d) over the rotated dims d of a head."""
+        params = config.rope_parameters
+        dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+        return 1.0 / (params["rope_theta"] ** exponents), 1.0
+
+    def frequencies(self, config: HashMoEConfig, device=None) -> tuple[torch.Tensor, float]:
+        if self.rope_type == "default":
+            return self.compute_default_rope_parameters(config, device)
+        return ROPE_INIT_FUNCTIONS[self.rope_type](config, device)
+
+    def reset_frequencies(self) -> None:
+        """Recompute the buffers (they are not saved: a model loaded onto the meta device gets them here)."""
+        inv_freq, self.attention_scaling = self.frequencies(self.config, self.inv_freq.device)
+        self.inv_freq.copy_(inv_freq)
+        self.original_inv_freq.copy_(inv_freq)
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq, scale = rope_frequencies(self.config, position_ids_BS.device)
-        angles_BSR = position_ids_BS[..., None].float() * inv_freq.float()
+        angles_BSR = position_ids_BS[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         angles_BSR = torch.cat([angles_BSR, angles_BSR], dim=-1)
-        return (angles_BSR.cos() * scale).to(x.dtype), (angles_BSR.sin() * scale).to(x.dtype)
+        return ((angles_BSR.cos() * self.attention_scaling).to(x.dtype),
+                (angles_BSR.sin() * self.attention_scaling).to(x.dtype))
 
 
 def apply_rotary(x_BHSd: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor:
@@ -414,6 +431,8 @@ class HashMoEPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, HashMoERotaryEmbedding):
+            module.reset_frequencies()
         elif isinstance(module, ExpertBank):
             module.reset_parameters(std, out_std)
         elif isinstance(module, (SoftmaxRouter, BaseRouter)):
@@ -462,7 +481,7 @@ class HashMoEModel(HashMoEPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.position_embedding_type == "rope":
-            self.rotary_emb = RotaryEmbedding(config)
+            self.rotary_emb = HashMoERotaryEmbedding(config)
         else:
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
@@ -497,8 +516,8 @@ class HashMoEModel(HashMoEPreTrainedModel):
         hash_routed = config.is_moe and "hash" in config.routers
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids (or inputs_embeds together with input_ids for a hash model)")
-        if input_ids is not None and inputs_embeds is not None and not hash_routed:
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        # input_ids with inputs_embeds (generate's way of starting from embeddings while keeping the prompt's ids):
+        # the embeddings replace the token embeddings, the ids serve the hash routers
         if input_ids is None and hash_routed:
             raise ValueError("a hash-routed model routes every token by its id, so it needs input_ids: pass "
                              "input_ids (inputs_embeds may come with them and then replace the token embeddings)")
@@ -706,6 +725,10 @@ class HashMoEForCausalLM(HashMoEPreTrainedModel, GenerationMixin):
         if labels is not None or kwargs.get("shift_labels") is not None:
             lm_loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
             loss = lm_loss + aux_loss * micro_batch_share(labels, kwargs)
+        elif not (self.config.output_router_logits if output_router_logits is None else output_router_logits):
+            # As transformers' MoE models: no aux_loss without labels or router outputs, so the tuple form
+            # starts with the logits (a constant-zero aux_loss of a hash or dense model would come first)
+            aux_loss = None
         output = HashMoECausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, logits=logits, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, router_logits=outputs.router_logits,

@@ -27,6 +27,7 @@ examples:
   hashmoe export runs/tiny/checkpoints/step_300 out/tiny  one HF folder with every expert
   hashmoe convert Qwen3-30B-A3B/ out/qwen3-hashmoe        a transformers checkpoint as a hashmoe model
   hashmoe convert out/tiny out/tiny-native --to-native    a hashmoe model as transformers' own class
+  hashmoe upcycle Qwen3-0.6B/ out/q3-moe --num-experts 8 --router hash   a dense model into an MoE
   hashmoe push runs/tiny --repo-id alice/hash-moe-tiny    export, model card, upload to the Hub
 """
 
@@ -134,6 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
                          help="largest safetensors shard to write, in GB (default 5, as transformers)")
 
+    upcycle = commands.add_parser(
+        "upcycle", help="turn a dense checkpoint into an MoE whose experts start as copies of its FFN",
+        description="Sparse upcycling (Komatsuzaki et al. 2023): DENSE is a LlamaForCausalLM, Qwen3ForCausalLM or "
+        "dense hashmoe folder; OUT is a hashmoe MoE model in which every expert of the MoE layers is a copy of the "
+        "dense FFN and each MoE layer has a new router (drawn from --seed). With a hash router, or top-k "
+        "(renormalised weights), its logits at step 0 equal the dense model's; Switch and BASE scale the FFN "
+        "output by their gate at first (see trainer/upcycle.py). Train from it with `model.init_from: OUT` "
+        "(its tokenizer comes along).")
+    upcycle.add_argument("source", metavar="DENSE", help="dense model folder (config.json + safetensors)")
+    upcycle.add_argument("out_dir", metavar="OUT", help="folder to write (replaced if it exists)")
+    upcycle.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer")
+    upcycle.add_argument("--router", required=True, choices=("hash", "topk", "switch", "base"),
+                         help="router of every MoE layer")
+    upcycle.add_argument("--moe-layers", type=lambda text: [int(i) for i in text.split(",")], metavar="I,J,...",
+                         help="blocks whose FFN becomes an MoE (default: every block)")
+    upcycle.add_argument("--top-k", type=int, default=2, help="experts per token of the topk router (default 2)")
+    upcycle.add_argument("--hash-function", default="random", help="hash router's function (default random; "
+                         "balanced is refit from the training data by `hashmoe train`)")
+    upcycle.add_argument("--seed", type=int, default=0, help="seed of the new routers and hash tables (default 0)")
+    upcycle.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                         help="largest safetensors shard to write, in GB (default 5)")
+
     push = commands.add_parser("push", help="publish a run or an exported folder to the Hugging Face Hub",
                                description="Upload an exported model (OUT_DIR of `hashmoe export`) or a run folder "
                                "(its latest checkpoint is exported to RUN_DIR/hf first) to a Hub repository in one "
@@ -172,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run one benchmark suite of the repository checkout's benchmarks/ "
                                 "(layer: one FFN sublayer, dense vs MoE vs DeepSpeed's MoE; assign: the BASE "
                                 "solver; train: 2-rank training throughput per router; data: preparing a 1 GB "
-                                "corpus), print its markdown table and append a section to BENCHMARKS.md. See "
-                                "benchmarks/README.md.")
-    bench.add_argument("--suite", default="layer", help="layer (default), model, assign, train or data")
+                                "corpus; peer: the Qwen3-MoE-shaped model against transformers' own), print its "
+                                "markdown table and append a section to BENCHMARKS.md. See benchmarks/README.md.")
+    bench.add_argument("--suite", default="layer", help="layer (default), model, assign, train, data or peer")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run; implies --no-write")
     bench.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     return parser
@@ -285,20 +308,45 @@ def run_slurm(args) -> int:
     return slurm_command(args.config, args.overrides, args.output, request, args.dry_run)
 
 
-def run_convert(args) -> int:
+def layer_progress(command: str):
+    """A progress bar over layers (shown on a terminal) and the callback that moves it."""
     from tqdm.auto import tqdm
 
-    from trainer.convert import convert
+    bar = tqdm(desc=f"hashmoe {command}: layers", unit="layer", disable=None)
 
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+    return bar, progress
+
+
+def shard_bytes(args) -> int:
     if not args.max_shard_size > 0:
         raise UserError("--max-shard-size", f"is {args.max_shard_size}", "Use a positive size in GB, e.g. 5.")
-    with tqdm(desc="hashmoe convert: layers", unit="layer", disable=None) as bar:
-        def progress(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
-        out = convert(args.source, args.out_dir, to_native=args.to_native,
-                      max_shard_bytes=int(args.max_shard_size * 10**9), progress=progress)
+    return int(args.max_shard_size * 10**9)
+
+
+def run_convert(args) -> int:
+    from trainer.convert import convert
+
+    bar, progress = layer_progress("convert")
+    with bar:
+        out = convert(args.source, args.out_dir, to_native=args.to_native, max_shard_bytes=shard_bytes(args),
+                      progress=progress)
     print(f"hashmoe: converted {args.source} to {out}")
+    return 0
+
+
+def run_upcycle(args) -> int:
+    from trainer.upcycle import upcycle
+
+    bar, progress = layer_progress("upcycle")
+    with bar:
+        out = upcycle(args.source, args.out_dir, num_experts=args.num_experts, router=args.router,
+                      moe_layers=args.moe_layers, num_experts_per_tok=args.top_k, hash_function=args.hash_function,
+                      seed=args.seed, max_shard_bytes=shard_bytes(args), progress=progress)
+    print(f"hashmoe: upcycled {args.source} to {out} ({args.num_experts} experts, {args.router} router); train "
+          f"from it with model.init_from: {out}")
     return 0
 
 
@@ -367,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handlers = {"train": run_train, "launch": run_launch, "slurm": run_slurm, "export": run_export, "push": run_push,
                 "compare": run_compare, "bench": run_bench,
-                "prepare": run_prepare, "convert": run_convert}
+                "prepare": run_prepare, "convert": run_convert, "upcycle": run_upcycle}
     # For this command only (main() also runs in-process, in tests and tools); launched ranks inherit them.
     saved_environ = {key: os.environ.get(key) for key in ("HASHMOE_DEBUG", "DS_ACCELERATOR")}
     if args.debug:

@@ -105,6 +105,25 @@ def recorded_model_config(run_dir: Path) -> dict:
     return ckpt.read_state(latest).get("model_config", {}) if latest is not None else {}
 
 
+def router_names(router) -> list[str]:
+    """The distinct routers a `router` value names, in order of first use ("hash", or a per-layer list)."""
+    names = router if isinstance(router, list) else [router]
+    return list(dict.fromkeys(names))
+
+
+def router_label(router) -> str:
+    """A short name for a `router` value: "hash", or a per-layer list run-length coded, "hash x3 + topk x5"."""
+    if not isinstance(router, list):
+        return str(router)
+    runs: list[list] = []
+    for name in router:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return " + ".join(name if count == 1 else f"{name} x{count}" for name, count in runs)
+
+
 def read_config(path: Path, defaults: dict) -> dict:
     raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
     model = {**defaults, **(raw.get("model") or {})}
@@ -112,8 +131,9 @@ def read_config(path: Path, defaults: dict) -> dict:
     if not model["moe_layers"]:
         model = {k: v for k, v in model.items() if k not in MOE_ONLY_KEYS | HASH_ONLY_KEYS}
     else:
-        router = model.get("router")
-        unread = UNREAD_KEYS.get(router, set()) | (set() if router == "hash" else HASH_ONLY_KEYS)
+        routers = router_names(model.get("router"))
+        unread = set.intersection(*(UNREAD_KEYS.get(r, set()) for r in routers))  # unread by every layer's router
+        unread |= set() if "hash" in routers else HASH_ONLY_KEYS
         model = {k: v for k, v in model.items() if k not in unread}
     return {k: v for k, v in flatten_config({**raw, "model": model}).items() if k not in IGNORED_KEYS}
 
@@ -267,15 +287,18 @@ def fmt_seconds(s) -> str:
 
 def table_row(run: RunSummary) -> list[str]:
     moe = run.ok and run.config and run.is_moe
-    router = run.model("router", "-") if moe else "-"
-    hash_fn = run.model("hash_function", "-") if router == "hash" else "-"
-    if router == "hash" and (run.model("hash_heads") or 1) > 1:
+    routers = router_names(run.model("router", "-")) if moe else []
+    router = router_label(run.model("router", "-")) if moe else "-"
+    hash_fn = run.model("hash_function", "-") if "hash" in routers else "-"
+    if "hash" in routers and (run.model("hash_heads") or 1) > 1:
         hash_fn += f" ({run.model('hash_heads')} heads)"
-    if router == "hash" and run.model("hash_gate", "none") != "none":
+    if "hash" in routers and (run.model("hash_experts_per_tok") or 1) > 1:
+        hash_fn += f" ({run.model('hash_experts_per_tok')} experts per token)"
+    if "hash" in routers and run.model("hash_gate", "none") != "none":
         hash_fn += f", gate {run.model('hash_gate')} (DeepSeek-V4)"
     if hash_fn.startswith("oracle_future"):
         hash_fn += " (upper bound: routes by the next token, which a real model cannot see)"
-    if router in ("switch", "topk") and (run.model("router_bias_update_rate") or 0) > 0:
+    if {"switch", "topk"} & set(routers) and (run.model("router_bias_update_rate") or 0) > 0:
         router += f" + bias balancing ({run.model('router_bias_update_rate')})"
     experts = str(run.model("num_experts")) if moe else "dense" if run.config else "-"
     ppls = [p for _, p in run.valid]
@@ -296,10 +319,12 @@ def extra_columns(runs: list[RunSummary]) -> list[tuple[str, object]]:
         columns.append(("params frozen", lambda r: human(r.params.get("frozen"))))
     if any(passes_per_token(r) > 1 for r in runs if r.config):
         columns.append(("passes per token", lambda r: str(passes_per_token(r)) if r.config else "-"))
-    if any(r.config and r.is_moe and r.model("router") in ("switch", "topk") for r in runs):
+    def learned(r):
+        return r.config and r.is_moe and {"switch", "topk"} & set(router_names(r.model("router")))
+    if any(learned(r) for r in runs):
         # Capacity at evaluation makes a token's output depend on the rest of the batch: say which was used.
         columns.append(("eval capacity", lambda r: (
-            "-" if not (r.config and r.is_moe and r.model("router") in ("switch", "topk"))
+            "-" if not learned(r)
             else "none" if r.model("eval_capacity_factor") is None else str(r.model("eval_capacity_factor")))))
     if any(r.exact_match for r in runs):
         columns.append(("final exact-match error", lambda r: fmt(final_of(r, "exact_match"), ".3f")))

@@ -41,12 +41,57 @@ TRAINER_SET_MODEL_FIELDS = {"vocab_size": "Set data.vocab_size instead.",
 
 
 # Keys of the model section that say how to train the model, not what it is: not HashMoEConfig fields.
-TRAINER_MODEL_KEYS = {"gradient_checkpointing": bool, "experts_implementation": str}
+# init_from: a hashmoe model folder (export, convert or upcycle) whose config and weights the run starts from.
+TRAINER_MODEL_KEYS = {"gradient_checkpointing": bool, "experts_implementation": str, "init_from": str}
+# What a saved config.json holds besides the model's own fields.
+SAVED_ONLY_KEYS = ("architectures", "auto_map", "model_type", "transformers_version")
 
 
 def model_config_fields(model_section: dict) -> dict:
     """The model section without the trainer's own keys: what HashMoEConfig takes."""
     return {k: v for k, v in model_section.items() if k not in TRAINER_MODEL_KEYS}
+
+
+def init_from_config(folder: str) -> dict:
+    """The model config saved in the hashmoe model folder `folder` (model.init_from), as a dict."""
+    path = Path(folder).expanduser() / "config.json"
+    if not path.is_file():
+        raise UserError("model.init_from", f"{folder} has no config.json", "Point it at a model folder written by "
+                        "hashmoe export, convert or upcycle.")
+    saved = json.loads(path.read_text())
+    if saved.get("model_type") != "hashmoe":
+        raise UserError("model.init_from", f"{folder} holds a {saved.get('model_type')!r} model, not a hashmoe one",
+                        "Bring it in first: `hashmoe convert FOLDER OUT` (Llama, Qwen3, Qwen3-MoE, Mixtral) or "
+                        "`hashmoe upcycle FOLDER OUT --num-experts E --router R` (a dense model into an MoE).")
+    return {k: v for k, v in saved.items() if k not in SAVED_ONLY_KEYS}
+
+
+def run_model_config(config: RunConfig, vocab_size: int | None = None, **extra):
+    """The run's HashMoEConfig: its model section, over the folder's saved config with model.init_from (then the
+    folder's vocab_size holds: the embeddings are the folder's), else with `vocab_size` (the tokenizer's)."""
+    from models import HashMoEConfig
+
+    fields = model_config_fields(config.model)
+    init_from = config.model.get("init_from")
+    if init_from:
+        return HashMoEConfig.from_dict({**init_from_config(init_from), **fields, **extra})
+    return HashMoEConfig(**fields, vocab_size=vocab_size or config.data.vocab_size, **extra)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def resolve_init_tokenizer(config: RunConfig) -> None:
+    """A run that starts from a model folder reads its data with that folder's tokenizer (the token ids the
+    embeddings were trained on) unless data.tokenizer names another."""
+    folder = config.model.get("init_from")
+    if not folder or config.data.tokenizer != "train":
+        return
+    if not all((Path(folder).expanduser() / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError("data.tokenizer", f"is `train`, but the model in model.init_from={folder} was trained with "
+                        "token ids of its own tokenizer, which the folder does not hold", "Set data.tokenizer to "
+                        "the model's tokenizer folder (or copy it into the model folder with save_pretrained).")
+    config.data.tokenizer = str(folder)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -260,12 +305,14 @@ def validate(config: RunConfig) -> None:
     if implementation not in (None, "grouped_mm", "eager"):
         raise UserError("model.experts_implementation", f"got {implementation!r}",
                         "Use grouped_mm (torch._grouped_mm), eager (one matmul per expert), or leave it unset "
-                        "(grouped_mm on CUDA, eager on CPU).")
+                        "(grouped_mm on CUDA, eager on CPU); batched_mm copies the expert weights once per token "
+                        "and fits inference, not training.")
     for key, fix in TRAINER_SET_MODEL_FIELDS.items():
         if key in config.model:
             raise UserError(f"model.{key}", "is set from the tokenizer", fix)
+    resolve_init_tokenizer(config)
     try:
-        model_config = HashMoEConfig(**model_config_fields(config.model), vocab_size=config.data.vocab_size)
+        model_config = run_model_config(config)
     except (ValueError, TypeError) as err:
         message = str(err)
         if message.startswith("HashMoEConfig."):  # "HashMoEConfig.FIELD: PROBLEM. FIX"

@@ -37,12 +37,16 @@ NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
 
 
 def build_model_config(config: RunConfig, data: PreparedData):
-    from models import HashMoEConfig
-    from trainer.config import model_config_fields
+    from trainer.config import run_model_config
 
-    return HashMoEConfig(**model_config_fields(config.model), vocab_size=data.vocab_size, eos_token_id=data.eos_token_id,
-                         bos_token_id=data.eos_token_id, pad_token_id=data.eos_token_id,
-                         experts_implementation=config.model.get("experts_implementation"))
+    model_config = run_model_config(config, data.vocab_size, eos_token_id=data.eos_token_id,
+                                    bos_token_id=data.eos_token_id, pad_token_id=data.eos_token_id,
+                                    experts_implementation=config.model.get("experts_implementation"))
+    if data.vocab_size > model_config.vocab_size:
+        raise UserError("data.tokenizer", f"has {data.vocab_size} tokens, more than the {model_config.vocab_size} "
+                        f"embeddings of the model in model.init_from", "Use the model's own tokenizer.",
+                        all_ranks=True)
+    return model_config
 
 
 # How a rank's expert weights are held, recorded in each checkpoint: one bank per layer (LocalExperts).
@@ -55,7 +59,12 @@ def build_model(config: RunConfig, data: PreparedData):
     from models.routing import HashRouter
 
     torch.manual_seed(config.run.seed)
-    model = HashMoEForCausalLM(build_model_config(config, data))
+    model_config = build_model_config(config, data)
+    if config.model.get("init_from"):
+        model = load_init_model(config.model["init_from"], model_config)
+    else:
+        model = HashMoEForCausalLM(model_config)
+    # balanced hash tables spread this training set's token mass: fit from it, also over a loaded model's table
     fitted_from_counts = "hash" in model.config.routers and model.config.hash_function in HashRouter.BALANCED_FUNCTIONS
     if model.config.is_moe and fitted_from_counts:
         model.fit_hash_tables(token_counts=data.train_token_counts)
@@ -63,6 +72,28 @@ def build_model(config: RunConfig, data: PreparedData):
         # Before parallelize(): the expert-parallel MoE replaces each block's FFN, and the block (a
         # GradientCheckpointingLayer) is what is recomputed, all-to-alls included, on every rank alike.
         model.gradient_checkpointing_enable()
+    return model
+
+
+def load_init_model(folder: str, model_config):
+    """The weights of the hashmoe model folder `folder` (model.init_from) in a model of `model_config` (the
+    folder's config with the run's overrides), in fp32: every saved tensor must fill the model exactly."""
+    from models import HashMoEForCausalLM
+
+    try:
+        model, info = HashMoEForCausalLM.from_pretrained(folder, config=model_config, dtype=torch.float32,
+                                                         output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise UserError("model.init_from", f"could not load {folder}: {' '.join(str(error).split())[:300]}",
+                        "Point it at a model folder written by hashmoe export, convert or upcycle, and change no "
+                        "model field that shapes a weight.", all_ranks=True) from None
+    problems = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if info.get(kind)}
+    if problems:
+        raise UserError("model.init_from", f"{folder} does not fill the run's model: "
+                        + "; ".join(f"{kind} {sorted(map(str, keys))[:3]}" for kind, keys in problems.items()),
+                        "Change no model field that shapes a weight (experts, widths, layers) over the folder's "
+                        "config.", all_ranks=True)
     return model
 
 
@@ -408,10 +439,9 @@ def warn_gpu_config_on_cpu(config: RunConfig) -> None:
 def check_resumable(config: RunConfig, checkpoint_dir: Path, saved: dict) -> None:
     """A checkpoint of another model shape (`saved`: the model config it recorded) cannot be resumed: say which
     field differs."""
-    from models import HashMoEConfig
-    from trainer.config import model_config_fields
+    from trainer.config import run_model_config
 
-    now = HashMoEConfig(**model_config_fields(config.model), vocab_size=config.data.vocab_size).to_dict()
+    now = run_model_config(config).to_dict()
     for key in ("num_experts", "moe_layers", "hidden_size", "num_hidden_layers", "router", "hash_heads",
                 "expert_intermediate_size", "intermediate_size", "recurrence", "frozen_ffn_size", "ffn_linear",
                 "gated_ffn", "num_key_value_heads", "head_dim", "qk_norm", "position_embedding_type", "norm_type",

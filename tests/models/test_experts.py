@@ -14,7 +14,7 @@ from models.experts import (
     use_grouped_mm,
 )
 
-IMPLEMENTATIONS = ["grouped_mm", "eager"]
+IMPLEMENTATIONS = ["grouped_mm", "batched_mm", "eager"]
 
 
 def naive_moe(x_TD, index_TK, weight_TK, bank):
@@ -61,7 +61,7 @@ def test_dispatch_equals_naive_loop_outputs_and_gradients(implementation, activa
     index = torch.randint(-1, 5, (23, k), generator=g)  # -1 = dropped
     index[:, :][index == 3] = 2  # expert 3 gets nothing: an empty group
     weight = torch.rand(23, k, generator=g)
-    assert use_grouped_mm(implementation, x, *bank.slot_weights()) == (implementation == "grouped_mm")
+    assert use_grouped_mm(implementation, x, *bank.slot_weights()) == (implementation == "grouped_mm")  # batched: its own
     assert not use_grouped_mm(None, x, *bank.slot_weights())  # unset on CPU: the loop (measured faster)
 
     got = dispatch_and_grads(bank, x, index, weight, implementation)
@@ -138,9 +138,9 @@ def test_slot_layout_round_trips(gated, segments):
 
 def test_unknown_implementation_names_the_choices():
     bank = make_bank(2, 1)
-    with pytest.raises(ValueError, match="grouped_mm, eager"):
+    with pytest.raises(ValueError, match="grouped_mm, batched_mm, eager"):
         dispatch(torch.randn(3, 8), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), bank,
-                 implementation="batched_mm")
+                 implementation="sonicmoe")
 
 
 def test_grouped_mm_falls_back_where_its_kernel_refuses_the_strides():

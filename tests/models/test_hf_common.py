@@ -13,6 +13,7 @@ import torch
 from transformers.models.auto import modeling_auto
 
 from models import HashMoEConfig, HashMoEForCausalLM, HashMoEModel
+from tests.conftest import MODERN_BLOCK, V4_LAYOUT
 from tests.models.hf_suite import load_upstream
 
 modeling_common, configuration_common = load_upstream()
@@ -61,6 +62,10 @@ EXPERTS_INTERFACE = ("the test counts calls of transformers' own experts functio
                      "eager paths, tested equal in tests/models/test_experts.py and test_modeling.py "
                      "(test_experts_implementations_give_the_same_model)")
 HASH_SKIPS = {"test_inputs_embeds": NEEDS_IDS, "test_inputs_embeds_matches_input_ids": NEEDS_IDS}
+ROPE_TESTS = ("test_model_rope_scaling_from_config_0_linear", "test_model_rope_scaling_from_config_1_dynamic",
+              "test_model_rope_scaling_from_config_2_yarn", "test_model_rope_scaling_frequencies")
+LEARNED_POSITIONS = ("learned absolute positions (position_embedding_type: absolute, GPT-2's block): there is no "
+                     "RoPE to scale; the RoPE variants (TestModern*) run these tests")
 
 
 class HashMoECommonTests(ModelTesterMixin, GenerationTesterMixin):
@@ -77,6 +82,8 @@ class HashMoECommonTests(ModelTesterMixin, GenerationTesterMixin):
         name = self._testMethodName
         if name in self.skips:
             self.skipTest(self.skips[name])
+        if name in ROPE_TESTS and self.model_tester.get_config().position_embedding_type != "rope":
+            self.skipTest(LEARNED_POSITIONS)
         if name.startswith("test_eager_matches_batched_and_grouped_inference"):
             self.skipTest(EXPERTS_INTERFACE)
 
@@ -120,3 +127,19 @@ STAIRCASE_SKIPS = {**HASH_SKIPS, **{name: STAIRCASE_PADDING for name in modeling
                                    "test_training_gradient_checkpointing_use_reentrant_true")}}
 TestStaircase = variant("Staircase", padding=False, skips=STAIRCASE_SKIPS, config_overrides=dict(
     router="hash", hash_function="random", recurrence={"kind": "staircase", "chunk": 2, "window": 4}))
+
+# The 2026 block (Qwen3-MoE's shape: RoPE, RMSNorm, SwiGLU, GQA, head_dim apart from the width, QK-norm, untied
+# embeddings) with each kind of router, DeepSeek-V4's layout and a shared expert.
+TestModernDense = variant("ModernDense", config_overrides=dict(moe_layers=[], **MODERN_BLOCK))
+TestModernHash = variant("ModernHash", skips=HASH_SKIPS,
+                         config_overrides=dict(router="hash", hash_function="random", **MODERN_BLOCK))
+TestModernTopk = variant("ModernTopk", config_overrides=dict(router="topk", **MODERN_BLOCK))
+TestModernTopkShared = variant("ModernTopkShared", config_overrides=dict(router="topk", num_shared_experts=1,
+                                                                         **MODERN_BLOCK))
+TestModernV4 = variant("ModernV4", skips=HASH_SKIPS, config_overrides=dict(**V4_LAYOUT, **MODERN_BLOCK))
+# A tester whose model classes are the causal LM alone (as many downstream testers declare them): the suite then
+# reads outputs[0] of a forward without labels as the logits, as for transformers' own MoE models.
+TestHashCausalLMOnly = variant("HashCausalLMOnly", all_model_classes=(HashMoEForCausalLM,), skips=HASH_SKIPS,
+                               config_overrides=dict(router="hash", hash_function="random"))
+TestDenseCausalLMOnly = variant("DenseCausalLMOnly", all_model_classes=(HashMoEForCausalLM,),
+                                config_overrides=dict(moe_layers=[]))

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from models import HashMoEForCausalLM
-from tests.conftest import tiny_config
+from tests.conftest import MODERN_BLOCK, V4_LAYOUT, tiny_config
 
 ROUTER_CONFIGS = {
     "dense": dict(moe_layers=[]),
@@ -17,6 +17,10 @@ ROUTER_CONFIGS = {
     "switch-bias": dict(router="switch", router_bias_update_rate=1e-2, router_aux_loss_coef=0.0),
     "base": dict(router="base"),
     "topk": dict(router="topk"),
+    "modern-topk-shared": dict(router="topk", num_shared_experts=1, **MODERN_BLOCK),
+    "modern-hash": dict(router="hash", hash_function="random", **MODERN_BLOCK),
+    "modern-v4": dict(**V4_LAYOUT, **MODERN_BLOCK),
+    "modern-dense": dict(moe_layers=[], **MODERN_BLOCK),
 }
 
 
@@ -36,12 +40,12 @@ def test_forward_shapes_and_loss_parts(name):
     out = model(ids, labels=ids, output_router_logits=True)
     assert out.logits.shape == (2, 12, 64)
     torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
-    num_moe = 0 if name == "dense" else 1
+    num_moe = len(model.config.moe_layers)
     assert len(out.expert_load) == len(out.expert_indices) == num_moe
-    if num_moe:
-        k = out.expert_indices[0].shape[1]
-        assert int(out.expert_load[0].sum() + out.dropped_tokens) == 2 * 12 * k
-        assert int(out.expert_load_chosen[0].sum()) == 2 * 12 * k  # before capacity: every route
+    routes = [2 * 12 * index.shape[1] for index in out.expert_indices]
+    assert int(sum(load.sum() for load in out.expert_load) + out.dropped_tokens) == sum(routes)
+    for load, count in zip(out.expert_load_chosen, routes):
+        assert int(load.sum()) == count  # before capacity: every route
     out.loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, pname
@@ -153,28 +157,29 @@ def test_hash_tables_identical_across_independent_constructions():
     assert torch.equal(a.model.layers[1].mlp.router.table, b.model.layers[1].mlp.router.table)
 
 
-@pytest.mark.parametrize("name", ["hash-multi", "switch", "topk"])
+@pytest.mark.parametrize("name", ["hash-multi", "switch", "topk", "modern-v4"])
 def test_experts_implementations_give_the_same_model(name, tmp_path):
-    """transformers' switch, from_pretrained(experts_implementation=...): "grouped_mm" and "eager" give the same
-    logits and gradients; an implementation hashmoe does not offer is refused naming the two it does."""
+    """transformers' switch, from_pretrained(experts_implementation=...): "grouped_mm", "batched_mm" and "eager"
+    give the same logits and gradients; an implementation hashmoe does not offer is refused naming those it does."""
     build(name).save_pretrained(tmp_path)
     ids = batch()
     results = {}
-    for implementation in ("grouped_mm", "eager"):
+    for implementation in ("grouped_mm", "batched_mm", "eager"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=implementation).train()
         assert model.config._experts_implementation == implementation
         torch.manual_seed(3)  # the same router jitter
         out = model(ids, labels=ids)
         out.loss.backward()
         results[implementation] = (out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    (logits_g, grads_g), (logits_e, grads_e) = results["grouped_mm"], results["eager"]
-    torch.testing.assert_close(logits_g, logits_e, rtol=1e-5, atol=1e-5)
-    assert grads_g.keys() == grads_e.keys()
-    for key in grads_g:
-        torch.testing.assert_close(grads_g[key], grads_e[key], rtol=1e-4, atol=1e-5, msg=key)
+    logits_e, grads_e = results.pop("eager")
+    for implementation, (logits, grads) in results.items():
+        torch.testing.assert_close(logits, logits_e, rtol=1e-5, atol=1e-5, msg=implementation)
+        assert grads.keys() == grads_e.keys()
+        for key in grads:
+            torch.testing.assert_close(grads[key], grads_e[key], rtol=1e-4, atol=1e-5, msg=f"{implementation} {key}")
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._experts_implementation is None  # per device
-    with pytest.raises(ValueError, match="grouped_mm, eager"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="batched_mm")
+    with pytest.raises(ValueError, match="grouped_mm, batched_mm, eager"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="sonicmoe")
 
 
 def test_the_balancing_bias_stays_fp32_under_a_bf16_load_and_counts_stay_exact(tmp_path):

@@ -116,15 +116,17 @@ class GenerationTesterMixin:
         self.assertTrue(torch.equal(rest, whole))
 
     def test_generate_from_inputs_embeds(self):
+        """generate(input_ids, inputs_embeds): the embeddings replace the token embeddings and the ids are kept
+        (HF's call for generating from embeddings with the prompt's ids), for every router; embeddings alone
+        for every router that does not choose by id, while a hash model says it needs the ids."""
         model, prompt = self._generation_setup()
         embeds = model.get_input_embeddings()(prompt)
         from_ids = self._generate(model, prompt)
-        config = model.config
-        if config.is_moe and config.router == "hash":
+        both = self._generate(model, prompt, inputs_embeds=embeds)
+        self.assertTrue(torch.equal(both, from_ids))
+        if "hash" in model.config.routers:
             with self.assertRaisesRegex(ValueError, "needs input_ids"):
                 self._generate(model, None, inputs_embeds=embeds)
-            both = self._generate(model, prompt, inputs_embeds=embeds)
-            self.assertTrue(torch.equal(both, from_ids))
         else:
             # generate() returns only the new tokens when it starts from embeddings
             from_embeds = self._generate(model, None, inputs_embeds=embeds)
