@@ -195,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run one benchmark suite of the repository checkout's benchmarks/ "
                                 "(layer: one FFN sublayer, dense vs MoE vs DeepSpeed's MoE; assign: the BASE "
                                 "solver; train: 2-rank training throughput per router; data: preparing a 1 GB "
-                                "corpus; peer: the Qwen3-MoE-shaped model against transformers' own), print its "
+                                "corpus; peer: the Qwen3-MoE-shaped model against transformers' own; convert: the "
+                                "memory of hashmoe convert), print its "
                                 "markdown table and append a section to BENCHMARKS.md. See benchmarks/README.md.")
-    bench.add_argument("--suite", default="layer", help="layer (default), model, assign, train, data or peer")
+    bench.add_argument("--suite", default="layer", help="layer (default), model, assign, train, data, peer or "
+                       "convert")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run; implies --no-write")
     bench.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     return parser
