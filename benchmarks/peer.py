@@ -11,7 +11,8 @@ experts implementations for training are timed (transformers: eager and grouped_
 and grouped_mm) and each library is judged by its best. transformers' third, batched_mm, gathers each route's
 expert weights: at E = 16 one fwd+bwd step took 26.2 s (60x its eager; first run of this suite, 2026-12-06), an
 inference choice, so it is left out (as hashmoe's own batched_mm). Round-robin (one step of each model per round),
-median of the rounds after the warm-up ones.
+median of the rounds after the warm-up ones. The table gives each model's expert load: the routers start untrained,
+so top-k's routing is as unbalanced as its random router makes it, hash's as balanced as its random table.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, timing in timings.items():
             library = "transformers" if name.startswith("transformers") else "hash" if " hash" in name else "hashmoe"
             best[library] = min(best.get(library, float("inf")), timing.median_ms)
-            rows.append([name, round(timing.median_ms, 1), round(timing.iqr_ms, 1)])
+            balance = load_balance(models[name][0], ids) if library != "transformers" else load_balance(
+                models[f"hashmoe top-{sizes['k']}, eager"][0], ids)
+            rows.append([name, round(timing.median_ms, 1), round(timing.iqr_ms, 1), balance])
             print(f"  E={experts:3d} {name:52s} {timing.median_ms:9.1f} ms (IQR {timing.iqr_ms:.1f})", flush=True)
         for row in rows:
             row.append(f"{row[1] / best['transformers']:.2f}x")
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             f"top-{sizes['k']} renormalised, no capacity, {sizes['batch']}x{sizes['seq']} tokens, fp32, CPU, torch "
             f"threads {torch.get_num_threads()}; median of {sizes['steps']} rounds after {sizes['warmup']} warm-up, "
             "models timed round-robin; the last column is the time over transformers' best.\n\n"
-            + markdown_table(["model, experts implementation", "ms (median)", "IQR ms", "vs transformers' best"], rows))
+            + markdown_table(["model, experts implementation", "ms (median)", "IQR ms",
+                              "expert load: max / mean, empty experts (per layer)", "vs transformers' best"], rows))
         targets.append([f"E={experts}: hashmoe top-{sizes['k']} best / transformers best",
                         f"<= {TARGET:.2f}x", f"{best['hashmoe'] / best['transformers']:.2f}x",
                         "met" if best["hashmoe"] <= TARGET * best["transformers"] else "not met"])
@@ -112,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     report.notes.append(rounds.note())
     report.emit(args.write)
     return 0
+
+
+def load_balance(model, ids) -> str:
+    """The routing the timed step computes: per MoE layer, the busiest expert's rows over the mean, and how many
+    experts got none (the same routes for transformers' model, whose weights are the top-k model's)."""
+    with torch.no_grad():
+        loads = model(ids, use_cache=False, output_router_logits=True).expert_load
+    return " ".join(f"{float(load.max() / load.float().mean()):.1f}/{int((load == 0).sum())}" for load in loads)
 
 
 def check_equal(native, ours, ids) -> None:

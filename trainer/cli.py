@@ -128,12 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "option no native class has (a hash router, say) is refused with the option named. Weights are streamed "
         "one layer at a time from the source's shards and keep their dtype; the tokenizer and generation config "
         "are copied.")
-    convert.add_argument("source", metavar="SRC", help="model folder (config.json + safetensors)")
-    convert.add_argument("out_dir", metavar="OUT", help="folder to write (replaced if it exists)")
+    add_folder_arguments(convert, "SRC")
     convert.add_argument("--to-native", action="store_true", help="SRC is a hashmoe folder: write transformers' "
                          "own class (Llama, Qwen3, Qwen3-MoE or Mixtral, whichever computes it)")
-    convert.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
-                         help="largest safetensors shard to write, in GB (default 5, as transformers)")
 
     upcycle = commands.add_parser(
         "upcycle", help="turn a dense checkpoint into an MoE whose experts start as copies of its FFN",
@@ -143,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(renormalised weights), its logits at step 0 equal the dense model's; Switch and BASE scale the FFN "
         "output by their gate at first (see trainer/upcycle.py). Train from it with `model.init_from: OUT` "
         "(its tokenizer comes along).")
-    upcycle.add_argument("source", metavar="DENSE", help="dense model folder (config.json + safetensors)")
-    upcycle.add_argument("out_dir", metavar="OUT", help="folder to write (replaced if it exists)")
+    add_folder_arguments(upcycle, "DENSE")
     upcycle.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer")
     upcycle.add_argument("--router", required=True, choices=("hash", "topk", "switch", "base"),
                          help="router of every MoE layer")
@@ -154,8 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--hash-function", default="random", help="hash router's function (default random; "
                          "balanced is refit from the training data by `hashmoe train`)")
     upcycle.add_argument("--seed", type=int, default=0, help="seed of the new routers and hash tables (default 0)")
-    upcycle.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
-                         help="largest safetensors shard to write, in GB (default 5)")
 
     push = commands.add_parser("push", help="publish a run or an exported folder to the Hugging Face Hub",
                                description="Upload an exported model (OUT_DIR of `hashmoe export`) or a run folder "
@@ -308,6 +302,15 @@ def run_slurm(args) -> int:
                            prepare_cpus=args.prepare_cpus, prepare_partition=args.prepare_partition,
                            prepare_time=args.prepare_time)
     return slurm_command(args.config, args.overrides, args.output, request, args.dry_run)
+
+
+def add_folder_arguments(parser: argparse.ArgumentParser, source: str) -> None:
+    """SOURCE OUT and --max-shard-size of the commands that rewrite a model folder (convert, upcycle)."""
+    parser.add_argument("source", metavar=source, help="model folder (config.json + safetensors)")
+    parser.add_argument("out_dir", metavar="OUT", help="folder to write (replaced if it exists)")
+    parser.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                        help="largest safetensors shard to write, in GB (default 5, as transformers); the command "
+                        "holds one shard and one layer in memory")
 
 
 def layer_progress(command: str):

@@ -325,6 +325,23 @@ def copy_side_files(source: Path, staging: Path) -> None:
             shutil.copy2(source / name, staging / name)
 
 
+def open_staging(out_dir: Path) -> Path:
+    """OUT.partial, empty: the output is written there and renamed into place only when complete."""
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish_staging(staging: Path, out_dir: Path, source: Path) -> Path:
+    """Copy the source's tokenizer and generation config in, then replace OUT with the complete folder."""
+    copy_side_files(source, staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return out_dir
+
+
 def convert(source: str | Path, out_dir: str | Path, to_native: bool = False,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress=None) -> Path:
     """Convert the model folder `source` into `out_dir` (see the module docstring). `progress(done, total)` is
@@ -355,11 +372,9 @@ def convert(source: str | Path, out_dir: str | Path, to_native: bool = False,
     if sorted(layers) != list(range(config.num_hidden_layers)):
         raise UserError(str(source), f"holds weights of layers {sorted(layers)[:5]}... for num_hidden_layers="
                         f"{config.num_hidden_layers}", "Convert a complete checkpoint folder.")
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = open_staging(out_dir)
     writer = ShardWriter(staging, max_shard_bytes)
-    expected = None if to_native else _expected_state(config)
+    expected = None if to_native else expected_state(config)
     for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         if key in outside and not (key == "lm_head.weight" and config.tie_word_embeddings):
             writer.add(key, reader.get(key))
@@ -378,20 +393,16 @@ def convert(source: str | Path, out_dir: str | Path, to_native: bool = False,
         if progress is not None:
             progress(i + 1, config.num_hidden_layers)
     if expected is not None:
-        _check_against(expected, writer, source)
+        check_against(expected, writer, source)
     writer.finish()
     if to_native:
         out_config.save_pretrained(staging)
     else:
-        _save_hashmoe_config(config, staging)
-    copy_side_files(source, staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
-    return out_dir
+        save_hashmoe_config(config, staging)
+    return publish_staging(staging, out_dir, source)
 
 
-def _expected_state(config) -> dict[str, tuple]:
+def expected_state(config) -> dict[str, tuple]:
     """Names and shapes of the hashmoe model's saved tensors (built on the meta device: no memory)."""
     from models import HashMoEForCausalLM
 
@@ -403,7 +414,7 @@ def _expected_state(config) -> dict[str, tuple]:
     return {name: tuple(tensor.shape) for name, tensor in state.items()}
 
 
-def _check_against(expected: dict[str, tuple], writer: ShardWriter, source: Path) -> None:
+def check_against(expected: dict[str, tuple], writer: ShardWriter, source: Path) -> None:
     written = writer.shapes
     missing = sorted(set(expected) - set(written))
     unexpected = sorted(set(written) - set(expected))
@@ -414,7 +425,7 @@ def _check_against(expected: dict[str, tuple], writer: ShardWriter, source: Path
                         "if it is one, this is a hashmoe bug: please report it.")
 
 
-def _save_hashmoe_config(config, staging: Path) -> None:
+def save_hashmoe_config(config, staging: Path) -> None:
     """config.json with auto_map and the model code beside it, as `save_pretrained` writes them for an exported
     hashmoe model (the model is built on the meta device: only its class is needed)."""
     from transformers.dynamic_module_utils import custom_object_save

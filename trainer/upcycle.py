@@ -16,8 +16,6 @@ The source (Llama, Qwen3 or a dense hashmoe folder) is read one layer at a time 
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,13 +24,14 @@ from trainer.convert import (
     DEFAULT_MAX_SHARD_BYTES,
     SafetensorsFolder,
     ShardWriter,
-    _check_against,
-    _expected_state,
-    _save_hashmoe_config,
-    copy_side_files,
+    check_against,
+    expected_state,
     hashmoe_config,
     native_layer_to_hashmoe,
+    open_staging,
+    publish_staging,
     read_config,
+    save_hashmoe_config,
 )
 from trainer.errors import UserError
 
@@ -87,9 +86,7 @@ def upcycle(source: str | Path, out_dir: str | Path, num_experts: int, router: s
         raise UserError(flag.get(key, f"model.{key}"), str(error).split(": ", 1)[-1], "Fix the option.") from None
     reader = SafetensorsFolder(source)
     outside, layer_keys = reader.by_layer()
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = open_staging(out_dir)
     writer = ShardWriter(staging, max_shard_bytes)
     for key in ("model.embed_tokens.weight", "model.embed_positions.weight", "model.norm.weight",
                 "model.norm.bias", "lm_head.weight"):
@@ -111,14 +108,10 @@ def upcycle(source: str | Path, out_dir: str | Path, num_experts: int, router: s
             writer.add(prefix + name, tensor)
         if progress is not None:
             progress(i + 1, layers)
-    _check_against(_expected_state(config), writer, source)
+    check_against(expected_state(config), writer, source)
     writer.finish()
-    _save_hashmoe_config(config, staging)
-    copy_side_files(source, staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
-    return out_dir
+    save_hashmoe_config(config, staging)
+    return publish_staging(staging, out_dir, source)
 
 
 def upcycled_ffn(tensors: dict, config, router: torch.nn.Module) -> dict[str, torch.Tensor]:
