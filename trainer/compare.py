@@ -29,14 +29,16 @@ IGNORED_KEYS = {"run.name", "run.output_dir"}  # always differ between runs, say
 # Model keys that mean nothing for a dense model: pruned so a dense baseline is labelled by moe_layers alone.
 MOE_ONLY_KEYS = {"num_experts", "expert_intermediate_size", "router", "num_experts_per_tok", "capacity_factor",
                  "eval_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter",
-                 "router_init_scale", "base_centroid_gain", "output_router_logits", "router_bias_update_rate"}
-HASH_ONLY_KEYS = {"hash_function", "hash_heads", "hash_seed", "hash_gate"}
+                 "router_init_scale", "base_centroid_gain", "output_router_logits", "router_bias_update_rate",
+                 "num_shared_experts", "scoring_func", "norm_topk_prob", "routed_scaling_factor"}
+HASH_ONLY_KEYS = {"hash_function", "hash_heads", "hash_seed", "hash_gate", "hash_experts_per_tok"}
 # Model keys a router never reads: pruned so its label names only what shapes it (a hash run has no balance loss).
 LEARNED_ROUTER_KEYS = {"capacity_factor", "eval_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef",
                        "router_jitter", "router_bias_update_rate"}
-UNREAD_KEYS = {"hash": LEARNED_ROUTER_KEYS | {"num_experts_per_tok", "base_centroid_gain"},
-               "base": LEARNED_ROUTER_KEYS | {"num_experts_per_tok", "router_init_scale"},
-               "switch": {"num_experts_per_tok", "base_centroid_gain"},
+UNREAD_KEYS = {"hash": LEARNED_ROUTER_KEYS | {"num_experts_per_tok", "base_centroid_gain", "scoring_func"},
+               "base": LEARNED_ROUTER_KEYS | {"num_experts_per_tok", "router_init_scale", "scoring_func",
+                                              "norm_topk_prob"},
+               "switch": {"num_experts_per_tok", "base_centroid_gain", "norm_topk_prob"},
                "topk": {"router_jitter", "base_centroid_gain"}}
 COLUMNS = ["run", "router", "hash function", "experts", "params total", "params trainable", "params active",
            "updates/s", "tokens/s", "final valid ppl", "best valid ppl", "dropped frac mean / final",

@@ -278,6 +278,11 @@ def test_oracle_future_is_labelled_an_upper_bound_and_modern_baselines_are_named
     assert row(router="hash", hash_function="random", hash_gate="sqrtsoftplus")[2] == (
         "random, gate sqrtsoftplus (DeepSeek-V4)")
     assert row(router="switch", router_bias_update_rate=0.001)[1] == "switch + bias balancing (0.001)"
+    # DeepSeek-V4's layout: a router per MoE layer, named run by run; the hash layers' table of k experts
+    v4 = row(router=["hash", "hash", "hash", "topk"], moe_layers=[0, 1, 2, 3], hash_function="random",
+             hash_experts_per_tok=2, hash_gate="sqrtsoftplus")
+    assert v4[1] == "hash x3 + topk"
+    assert v4[2] == "random (2 experts per token), gate sqrtsoftplus (DeepSeek-V4)"
 
 
 def test_a_key_only_some_runs_have_is_a_difference_unless_pruning_explains_it(tmp_path):

@@ -24,6 +24,8 @@ def hub(tmp_path_factory):
     (dict(moe_layers=[]), {"dense"}, {"mixture-of-experts", "hash-layers"}),
     (dict(router="switch"), {"mixture-of-experts", "router-switch", "switch-transformer"}, {"hash-layers", "dense"}),
     (dict(router="hash", hash_function="bigram", hash_heads=2), {"hash-layers", "hash-bigram", "moe"}, {"dense"}),
+    (dict(moe_layers=[0, 1], router=["hash", "topk"], hash_function="random"),  # DeepSeek-V4's layout
+     {"router-hash", "router-topk", "hash-layers", "top-k", "hash-random"}, {"dense"}),
 ])
 def test_card_without_a_run(hub, monkeypatch, tmp_path, overrides, tags, absent):
     from huggingface_hub import ModelCard, constants
