@@ -532,7 +532,9 @@ class HashMoEModel(HashMoEPreTrainedModel):
         B, S = inputs_embeds.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         rope = config.position_embedding_type == "rope"
-        if isinstance(past_len, int) and past_len + S > config.max_position_embeddings and not rope:
+        # learned positions, and the position hash's table, have max_position_embeddings rows; RoPE has no limit
+        bounded = not rope or ("hash" in config.routers and config.hash_function == "position")
+        if isinstance(past_len, int) and past_len + S > config.max_position_embeddings and bounded:
             raise ValueError(f"sequence of {past_len + S} tokens exceeds max_position_embeddings="
                              f"{config.max_position_embeddings}")
         if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:

@@ -75,6 +75,7 @@ class HashRouter(nn.Module):
         # k > 1 (DeepSeek-V4's tid2eid): the table's k rows are k distinct whole experts per key, not segments;
         # their weights (gate scores, or 1) are renormalised over the k when `normalize`.
         self.experts_per_token, self.normalize, self.scaling_factor = experts_per_token, normalize, scaling_factor
+        self.k = experts_per_token  # whole experts a token uses (multi-hash heads share one expert's worth)
         if experts_per_token > 1:
             num_heads = experts_per_token
         # DeepSeek-V4's hash layers: the table picks the expert, a learned gate weights it (the gate's
@@ -123,7 +124,10 @@ class HashRouter(nn.Module):
         has_start_key = table_HK.shape[1] == old_vocab + 1  # prev_token / oracle_future: key V = "none"
         kept = min(old_vocab, vocab_size)
         new_ids = torch.arange(kept, vocab_size, device=table_HK.device)
-        columns = [table_HK[:, :kept], (new_ids % self.num_experts).expand(table_HK.shape[0], -1)]
+        # k whole experts per token stay distinct: row h gives (v + h) % E; multi-hash heads all give v % E
+        offset_H = torch.arange(table_HK.shape[0], device=table_HK.device) if self.experts_per_token > 1 else \
+            torch.zeros(table_HK.shape[0], dtype=torch.long, device=table_HK.device)
+        columns = [table_HK[:, :kept], (new_ids[None] + offset_H[:, None]) % self.num_experts]
         if has_start_key:
             columns.append(table_HK[:, old_vocab:])
         self.table = torch.cat(columns, dim=1).contiguous()
@@ -245,7 +249,8 @@ def drop_over_capacity(expert_index_TK: torch.Tensor, capacity: int, num_experts
 SCORE_FUNCTIONS = {
     "softmax": lambda logits_TE: logits_TE.softmax(dim=-1),
     "sigmoid": torch.sigmoid,  # DeepSeek-V3
-    "sqrtsoftplus": lambda logits_TE: torch.sqrt(F.softplus(logits_TE)),  # DeepSeek-V4
+    # DeepSeek-V4; the clamp keeps the gradient finite where softplus underflows to 0 (as in the hash gate)
+    "sqrtsoftplus": lambda logits_TE: torch.sqrt(F.softplus(logits_TE).clamp_min(1e-20)),
 }
 
 

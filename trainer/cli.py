@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="blocks whose FFN becomes an MoE (default: every block)")
     upcycle.add_argument("--top-k", type=int, default=2, help="experts per token of the topk router (default 2)")
     upcycle.add_argument("--hash-function", default="random", help="hash router's function (default random; "
-                         "balanced is refit from the training data by `hashmoe train`)")
+                         "without data, balanced is an even split of the vocabulary)")
     upcycle.add_argument("--seed", type=int, default=0, help="seed of the new routers and hash tables (default 0)")
 
     push = commands.add_parser("push", help="publish a run or an exported folder to the Hugging Face Hub",

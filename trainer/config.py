@@ -78,16 +78,16 @@ def run_model_config(config: RunConfig, vocab_size: int | None = None, **extra):
     return HashMoEConfig(**fields, vocab_size=vocab_size or config.data.vocab_size, **extra)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
 def resolve_init_tokenizer(config: RunConfig) -> None:
     """A run that starts from a model folder reads its data with that folder's tokenizer (the token ids the
     embeddings were trained on) unless data.tokenizer names another."""
     folder = config.model.get("init_from")
-    if not folder or config.data.tokenizer != "train":
+    if not folder:
         return
-    if not all((Path(folder).expanduser() / name).is_file() for name in TOKENIZER_FILES):
+    init_from_config(folder)  # a missing or foreign folder is named as model.init_from
+    if config.data.tokenizer != "train":
+        return
+    if not (Path(folder).expanduser() / "tokenizer.json").is_file():
         raise UserError("data.tokenizer", f"is `train`, but the model in model.init_from={folder} was trained with "
                         "token ids of its own tokenizer, which the folder does not hold", "Set data.tokenizer to "
                         "the model's tokenizer folder (or copy it into the model folder with save_pretrained).")

@@ -77,8 +77,7 @@ def hashmoe_config(native: dict) -> tuple[Family, dict]:
         num_key_value_heads=native.get("num_key_value_heads") or native["num_attention_heads"],
         head_dim=native.get("head_dim") or native["hidden_size"] // native["num_attention_heads"],
         qk_norm=family.qk_norm, max_position_embeddings=native["max_position_embeddings"],
-        position_embedding_type="rope", rope_parameters=dict(native.get("rope_parameters") or {
-            "rope_type": "default", "rope_theta": native.get("rope_theta", 10000.0)}),
+        position_embedding_type="rope", rope_parameters=native_rope_parameters(native),
         norm_type="rmsnorm", layer_norm_eps=native["rms_norm_eps"], hidden_act=native["hidden_act"], gated_ffn=True,
         dropout=float(native.get("attention_dropout") or 0.0), initializer_range=native.get("initializer_range", 0.02),
         tie_word_embeddings=bool(native.get("tie_word_embeddings", False)),
@@ -101,6 +100,17 @@ def hashmoe_config(native: dict) -> tuple[Family, dict]:
                   capacity_factor=None, eval_capacity_factor=None, router_jitter=0.0,
                   router_aux_loss_coef=native.get("router_aux_loss_coef", 0.001))
     return family, kwargs
+
+
+def native_rope_parameters(native: dict) -> dict:
+    """transformers 5's `rope_parameters`, or what a 4.x config.json says the same with: `rope_scaling` (its
+    `type` or `rope_type`: llama3, yarn, linear, ...) beside a top-level `rope_theta`."""
+    params = dict(native.get("rope_parameters") or native.get("rope_scaling") or {})
+    params.setdefault("rope_type", params.pop("type", "default"))
+    params.setdefault("rope_theta", native.get("rope_theta", 10000.0))
+    if "partial_rotary_factor" in native:
+        params.setdefault("partial_rotary_factor", native["partial_rotary_factor"])
+    return params
 
 
 def _experts(native: dict) -> int:
@@ -325,8 +335,12 @@ def copy_side_files(source: Path, staging: Path) -> None:
             shutil.copy2(source / name, staging / name)
 
 
-def open_staging(out_dir: Path) -> Path:
-    """OUT.partial, empty: the output is written there and renamed into place only when complete."""
+def open_staging(out_dir: Path, source: Path) -> Path:
+    """OUT.partial, empty: the output is written there and renamed into place only when complete. OUT must not be
+    the source or a folder holding it (replacing OUT would delete the source)."""
+    if out_dir.resolve() == source.resolve() or out_dir.resolve() in source.resolve().parents:
+        raise UserError(str(out_dir), f"is the source {source} or a folder holding it, and OUT is replaced",
+                        "Write to another folder.")
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -359,6 +373,7 @@ def convert(source: str | Path, out_dir: str | Path, to_native: bool = False,
         config = HashMoEConfig.from_dict({k: v for k, v in native.items() if k not in ("auto_map", "architectures")})
         family, out_config = native_config(config)
     else:
+        out_config = None
         family, kwargs = hashmoe_config(native)
         from models import HashMoEConfig
 
@@ -368,11 +383,24 @@ def convert(source: str | Path, out_dir: str | Path, to_native: bool = False,
             raise UserError(str(source / "config.json"), f"maps onto no valid hashmoe model ({error})",
                             "Convert a checkpoint whose shape hashmoe supports.") from None
     reader = SafetensorsFolder(source)
+    if sorted(reader.by_layer()[1]) != list(range(config.num_hidden_layers)):
+        raise UserError(str(source), f"holds weights of layers {sorted(reader.by_layer()[1])[:5]}... for "
+                        f"num_hidden_layers={config.num_hidden_layers}", "Convert a complete checkpoint folder.")
+    staging = open_staging(out_dir, source)
+    try:
+        return _write_converted(source, out_dir, staging, reader, config, family, out_config, max_shard_bytes,
+                                progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed conversion leaves no half folder behind
+        raise
+
+
+def _write_converted(source: Path, out_dir: Path, staging: Path, reader: SafetensorsFolder, config, family: Family,
+                     out_config, max_shard_bytes: int, progress) -> Path:
+    """The layers of `reader` into `staging`, then OUT: into hashmoe, or with `out_config` (a transformers config)
+    into that native class."""
+    to_native = out_config is not None
     outside, layers = reader.by_layer()
-    if sorted(layers) != list(range(config.num_hidden_layers)):
-        raise UserError(str(source), f"holds weights of layers {sorted(layers)[:5]}... for num_hidden_layers="
-                        f"{config.num_hidden_layers}", "Convert a complete checkpoint folder.")
-    staging = open_staging(out_dir)
     writer = ShardWriter(staging, max_shard_bytes)
     expected = None if to_native else expected_state(config)
     for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):

@@ -54,20 +54,22 @@ EXPERT_PARAMS = "bank"
 
 
 def build_model(config: RunConfig, data: PreparedData):
-    """Same weights on every rank (seeded), hash tables fit from the training split's token counts."""
+    """Same weights on every rank (seeded), hash tables fit from the training split's token counts; or the model
+    folder of model.init_from as it is."""
     from models import HashMoEForCausalLM
     from models.routing import HashRouter
 
     torch.manual_seed(config.run.seed)
     model_config = build_model_config(config, data)
     if config.model.get("init_from"):
+        # the folder's model as it is, hash tables included: its experts were trained on (or copied for) them
         model = load_init_model(config.model["init_from"], model_config)
     else:
         model = HashMoEForCausalLM(model_config)
-    # balanced hash tables spread this training set's token mass: fit from it, also over a loaded model's table
-    fitted_from_counts = "hash" in model.config.routers and model.config.hash_function in HashRouter.BALANCED_FUNCTIONS
-    if model.config.is_moe and fitted_from_counts:
-        model.fit_hash_tables(token_counts=data.train_token_counts)
+        fitted_from_counts = "hash" in model.config.routers and model.config.hash_function in \
+            HashRouter.BALANCED_FUNCTIONS
+        if model.config.is_moe and fitted_from_counts:
+            model.fit_hash_tables(token_counts=data.train_token_counts)
     if config.model.get("gradient_checkpointing"):
         # Before parallelize(): the expert-parallel MoE replaces each block's FFN, and the block (a
         # GradientCheckpointingLayer) is what is recomputed, all-to-alls included, on every rank alike.

@@ -16,6 +16,7 @@ The source (Llama, Qwen3 or a dense hashmoe folder) is read one layer at a time 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -64,7 +65,6 @@ def upcycle(source: str | Path, out_dir: str | Path, num_experts: int, router: s
             seed: int = 0, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress=None) -> Path:
     """Write the upcycled model of the dense folder `source` into `out_dir` (see the module docstring)."""
     from models import HashMoEConfig
-    from models.routing import build_router
 
     source, out_dir = Path(source), Path(out_dir)
     if router not in UPCYCLE_ROUTERS:
@@ -77,7 +77,10 @@ def upcycle(source: str | Path, out_dir: str | Path, num_experts: int, router: s
     kwargs.update(moe_layers=moe_layers, num_experts=num_experts, router=router,
                   expert_intermediate_size=kwargs["intermediate_size"], num_experts_per_tok=num_experts_per_tok,
                   hash_function=hash_function, hash_seed=seed, norm_topk_prob=True, capacity_factor=None,
-                  eval_capacity_factor=None, hash_heads=1, hash_experts_per_tok=1, hash_gate="none")
+                  eval_capacity_factor=None, hash_heads=1, hash_experts_per_tok=1, hash_gate="none",
+                  # MoE options a dense hashmoe config may carry unused: the upcycled layer is the plain one
+                  num_shared_experts=0, scoring_func="softmax", routed_scaling_factor=1.0,
+                  router_bias_update_rate=0.0)
     try:
         config = HashMoEConfig(**kwargs)
     except ValueError as error:
@@ -85,8 +88,20 @@ def upcycle(source: str | Path, out_dir: str | Path, num_experts: int, router: s
         flag = {"moe_layers": "--moe-layers", "num_experts_per_tok": "--top-k", "hash_function": "--hash-function"}
         raise UserError(flag.get(key, f"model.{key}"), str(error).split(": ", 1)[-1], "Fix the option.") from None
     reader = SafetensorsFolder(source)
+    staging = open_staging(out_dir, source)
+    try:
+        return _write_upcycled(source, out_dir, staging, reader, config, family, seed, max_shard_bytes, progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed upcycling leaves no half folder behind
+        raise
+
+
+def _write_upcycled(source: Path, out_dir: Path, staging: Path, reader: SafetensorsFolder, config, family,
+                    seed: int, max_shard_bytes: int, progress) -> Path:
+    from models.routing import build_router
+
     outside, layer_keys = reader.by_layer()
-    staging = open_staging(out_dir)
+    layers, moe_layers = config.num_hidden_layers, config.moe_layers
     writer = ShardWriter(staging, max_shard_bytes)
     for key in ("model.embed_tokens.weight", "model.embed_positions.weight", "model.norm.weight",
                 "model.norm.bias", "lm_head.weight"):

@@ -191,3 +191,23 @@ def test_the_balancing_bias_stays_fp32_under_a_bf16_load_and_counts_stay_exact(t
     assert router.score_correction_bias.dtype == torch.float32
     loaded.to(torch.bfloat16)
     assert router.chosen_since_update.dtype == torch.long  # bf16 would stop counting at 256
+
+
+def test_active_parameters_count_every_expert_a_token_uses():
+    """k whole experts per token (top-k, and V4's hash table of k experts) are active; multi-hash heads share one."""
+    for name, k in (("modern-v4", 2), ("topk", 2), ("hash-multi", 1)):
+        model = build(name)
+        counts = model.parameter_counts()
+        inactive = 0
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                bank = layer.mlp.experts
+                inactive += (bank.num_experts - k) * (bank.w1[0].numel() + bank.w2[0].numel())
+        assert counts["active"] == counts["total"] - inactive, name
+
+
+def test_the_position_hash_keeps_its_length_limit_under_rope():
+    torch.manual_seed(0)
+    model = HashMoEForCausalLM(tiny_config(router="hash", hash_function="position", **MODERN_BLOCK)).eval()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 65, dtype=torch.long))

@@ -305,3 +305,11 @@ def routing_for_batch(ids_BS):
 
     B, S = ids_BS.shape
     return routing_inputs(ids_BS, torch.arange(S).expand(B, S), V)
+
+
+def test_a_vocabulary_resize_keeps_k_experts_per_token_distinct():
+    router = HashRouter("random", E, 1, vocab_size=V, max_positions=32, seed=7, experts_per_token=3)
+    router.resize_vocab(V + 9)
+    table = router.table
+    assert table.shape == (3, V + 9)
+    assert all(len(set(table[:, v].tolist())) == 3 for v in range(V + 9))

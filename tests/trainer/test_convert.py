@@ -120,3 +120,41 @@ def test_native_features_hashmoe_lacks_are_refused_by_name(tmp_path, capsys):
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert cli(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out")]) == 2
     assert "model_type: is 'gpt2'" in capsys.readouterr().err
+
+
+def test_a_transformers_4_config_keeps_its_rope_scaling(tmp_path):
+    """Hub checkpoints saved by transformers 4.x say their RoPE scaling as `rope_scaling` beside `rope_theta`
+    (Llama 3.1's llama3 type): the converted model computes what transformers computes from the same file."""
+    config = transformers.LlamaConfig(intermediate_size=40, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}, **COMMON)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "native")
+    saved = json.loads((tmp_path / "native" / "config.json").read_text())
+    legacy = dict(saved.pop("rope_parameters"))
+    saved["rope_theta"] = legacy.pop("rope_theta")
+    saved["rope_scaling"] = {"type" if "type" in legacy else "rope_type": legacy.pop("rope_type"), **legacy}
+    (tmp_path / "native" / "config.json").write_text(json.dumps(saved))
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "native").eval()
+    assert source.config.rope_parameters["rope_type"] == "llama3"
+    convert(tmp_path / "native", tmp_path / "hashmoe")
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "hashmoe", trust_remote_code=True).eval()
+    assert converted.config.rope_parameters["rope_type"] == "llama3"
+    assert_same_model(source, converted)
+
+
+def test_the_source_is_never_replaced_and_a_failure_leaves_no_half_folder(tmp_path, capsys, monkeypatch):
+    native_model("llama").save_pretrained(tmp_path / "models" / "native")
+    source = tmp_path / "models" / "native"
+    for out in (source, tmp_path / "models"):
+        assert cli(["convert", str(source), str(out)]) == 2
+        assert "is the source" in capsys.readouterr().err
+        assert (source / "model.safetensors").is_file()
+    import trainer.convert as convert_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(convert_module, "save_hashmoe_config", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -61,6 +61,21 @@ def test_upcycled_model_starts_where_the_dense_one_is(tmp_path, kind, router, eq
         assert diff > 1e-3, diff
 
 
+def test_moe_options_a_dense_hashmoe_config_carries_unused_do_not_reach_the_upcycled_model(tmp_path):
+    from models import HashMoEConfig, HashMoEForCausalLM
+
+    torch.manual_seed(0)
+    dense = HashMoEForCausalLM(HashMoEConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=40, moe_layers=[],
+                                             num_shared_experts=1, routed_scaling_factor=2.5, scoring_func="sigmoid"))
+    dense.eval().save_pretrained(tmp_path / "dense")
+    moe = AutoModelForCausalLM.from_pretrained(upcycle(tmp_path / "dense", tmp_path / "moe", 4, "topk"),
+                                               trust_remote_code=True).eval()
+    assert moe.config.num_shared_experts == 0 and moe.config.routed_scaling_factor == 1.0
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert (logits(dense, ids) - logits(moe, ids)).abs().max().item() <= 1e-5
+
+
 def test_upcycle_refuses_what_it_cannot_start_from(tmp_path, capsys):
     _, folder = dense_folder(tmp_path, "llama")
     assert cli(["upcycle", str(folder), str(tmp_path / "a"), "--num-experts", "4", "--router", "topk",
