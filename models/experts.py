@@ -55,7 +55,6 @@ class ExpertBank(nn.Module):
         self.segment_size = expert_size // num_segments
         self.activation = activation
         self.gated = gated
-        self.act = ACTIVATIONS[activation]
         self.input_projections = 2 if gated else 1
         self.w1 = nn.Parameter(torch.empty(num_experts, self.input_projections * expert_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))

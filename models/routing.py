@@ -51,6 +51,22 @@ class RouterOutput:
     chosen_index_TK: torch.Tensor | None = None  # the choice before capacity dropped any; None: nothing dropped
 
 
+SCORE_FUNCTIONS = {
+    "softmax": lambda logits_TE: logits_TE.softmax(dim=-1),
+    "sigmoid": torch.sigmoid,  # DeepSeek-V3
+    # DeepSeek-V4 (its learned and its hash layers); the clamp keeps the gradient finite where softplus underflows
+    "sqrtsoftplus": lambda logits_TE: torch.sqrt(F.softplus(logits_TE).clamp_min(1e-20)),
+}
+
+
+def chosen_weights(weight_TK: torch.Tensor, renormalize: bool, scaling_factor: float) -> torch.Tensor:
+    """The gate weights of a token's chosen experts: renormalised to sum to 1 (`norm_topk_prob`; the 1e-20 as
+    DeepSeek's) and scaled (`routed_scaling_factor`). Learned top-k and V4's k-expert hash layers alike."""
+    if renormalize:
+        weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return weight_TK * scaling_factor if scaling_factor != 1.0 else weight_TK
+
+
 class HashRouter(nn.Module):
     """Hash Layers (Roller et al. 2021): a fixed function of the token id picks the expert; weight 1, no loss.
 
@@ -74,7 +90,7 @@ class HashRouter(nn.Module):
         self.hash_function = hash_function
         # k > 1 (DeepSeek-V4's tid2eid): the table's k rows are k distinct whole experts per key, not segments;
         # their weights (gate scores, or 1) are renormalised over the k when `normalize`.
-        self.experts_per_token, self.normalize, self.scaling_factor = experts_per_token, normalize, scaling_factor
+        self.normalize, self.scaling_factor = normalize, scaling_factor
         self.k = experts_per_token  # whole experts a token uses (multi-hash heads share one expert's worth)
         if experts_per_token > 1:
             num_heads = experts_per_token
@@ -110,7 +126,7 @@ class HashRouter(nn.Module):
         clustered/dispersed). Called by `_init_weights`, e.g. after a meta-device construction."""
         with torch.device("cpu"):
             table = self._initial_table(self.hash_function, self.num_experts, self.num_heads, self.vocab_size,
-                                        self.max_positions, self.seed, self.experts_per_token > 1)
+                                        self.max_positions, self.seed, self.k > 1)
         getattr(self, self.table_name).copy_(table)
         self.table_fitted.fill_(int(self.hash_function not in self.FITTED_FUNCTIONS))
         self._fitted_checked = False
@@ -125,7 +141,7 @@ class HashRouter(nn.Module):
         kept = min(old_vocab, vocab_size)
         new_ids = torch.arange(kept, vocab_size, device=table_HK.device)
         # k whole experts per token stay distinct: row h gives (v + h) % E; multi-hash heads all give v % E
-        offset_H = torch.arange(table_HK.shape[0], device=table_HK.device) if self.experts_per_token > 1 else \
+        offset_H = torch.arange(table_HK.shape[0], device=table_HK.device) if self.k > 1 else \
             torch.zeros(table_HK.shape[0], dtype=torch.long, device=table_HK.device)
         columns = [table_HK[:, :kept], (new_ids[None] + offset_H[:, None]) % self.num_experts]
         if has_start_key:
@@ -198,18 +214,14 @@ class HashRouter(nn.Module):
             weight_TH = torch.ones(index_TH.shape, dtype=torch.float32, device=x_TD.device)
         else:
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-            # V4's "sqrtsoftplus" score; the clamp keeps the gradient finite where softplus underflows to 0
-            weight_TH = torch.sqrt(F.softplus(logits_TE.gather(1, index_TH)).clamp_min(1e-20))
-        if self.experts_per_token > 1:
-            if self.normalize:  # V4: the chosen experts' scores over their sum
-                weight_TH = weight_TH / (weight_TH.sum(dim=-1, keepdim=True) + 1e-20)
-        elif self.num_heads > 1 and logits_TE is not None:
+            weight_TH = SCORE_FUNCTIONS[self.gate](logits_TE.gather(1, index_TH))  # V4's sqrt(softplus)
+        if self.num_heads > 1 and self.k == 1 and logits_TE is not None:
             # V4 renormalises the scores of a token's chosen experts (with one head that would fix the weight at
             # 1). The heads here are segments of one FFN, each weighted 1 without a gate, so the weights are
             # renormalised to sum to H, not 1.
             weight_TH = self.num_heads * weight_TH / weight_TH.sum(dim=-1, keepdim=True)
-        if self.scaling_factor != 1.0:
-            weight_TH = weight_TH * self.scaling_factor
+        # k whole experts (V4's table): the chosen experts' scores over their sum, as a learned top-k's
+        weight_TH = chosen_weights(weight_TH, self.normalize and self.k > 1, self.scaling_factor)
         return RouterOutput(index_TH.contiguous(), weight_TH.to(x_TD.dtype), x_TD.new_zeros(()), logits_TE)
 
 
@@ -244,14 +256,6 @@ def drop_over_capacity(expert_index_TK: torch.Tensor, capacity: int, num_experts
     flat = expert_index_TK.t().reshape(-1)  # priority order
     flat = torch.where(positions_in_slot(flat, num_experts) < capacity, flat, torch.full_like(flat, -1))
     return flat.view(k, num_tokens).t().contiguous()
-
-
-SCORE_FUNCTIONS = {
-    "softmax": lambda logits_TE: logits_TE.softmax(dim=-1),
-    "sigmoid": torch.sigmoid,  # DeepSeek-V3
-    # DeepSeek-V4; the clamp keeps the gradient finite where softplus underflows to 0 (as in the hash gate)
-    "sqrtsoftplus": lambda logits_TE: torch.sqrt(F.softplus(logits_TE).clamp_min(1e-20)),
-}
 
 
 class SoftmaxRouter(nn.Module):
@@ -319,10 +323,7 @@ class SoftmaxRouter(nn.Module):
                 self.chosen_since_update += count_per_expert(index_TK, self.num_experts)
         else:
             weight_TK, index_TK = scores_TE.topk(self.k, dim=-1)
-        if self.renormalize:
-            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        if self.scaling_factor != 1.0:
-            weight_TK = weight_TK * self.scaling_factor
+        weight_TK = chosen_weights(weight_TK, self.renormalize, self.scaling_factor)
         # Switch's P_i is a probability: per-expert scores (sigmoid, sqrtsoftplus) are normalised per token first
         probs_TE = scores_TE if self.scoring == "softmax" else scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, index_TK)

@@ -47,6 +47,11 @@ TRAINER_MODEL_KEYS = {"gradient_checkpointing": bool, "experts_implementation": 
 SAVED_ONLY_KEYS = ("architectures", "auto_map", "model_type", "transformers_version")
 
 
+def saved_model_fields(saved: dict) -> dict:
+    """A saved hashmoe config (config.json, or a checkpoint's model_config) as HashMoEConfig keyword arguments."""
+    return {k: v for k, v in saved.items() if k not in SAVED_ONLY_KEYS}
+
+
 def model_config_fields(model_section: dict) -> dict:
     """The model section without the trainer's own keys: what HashMoEConfig takes."""
     return {k: v for k, v in model_section.items() if k not in TRAINER_MODEL_KEYS}
@@ -63,7 +68,7 @@ def init_from_config(folder: str) -> dict:
         raise UserError("model.init_from", f"{folder} holds a {saved.get('model_type')!r} model, not a hashmoe one",
                         "Bring it in first: `hashmoe convert FOLDER OUT` (Llama, Qwen3, Qwen3-MoE, Mixtral) or "
                         "`hashmoe upcycle FOLDER OUT --num-experts E --router R` (a dense model into an MoE).")
-    return {k: v for k, v in saved.items() if k not in SAVED_ONLY_KEYS}
+    return saved_model_fields(saved)
 
 
 def run_model_config(config: RunConfig, vocab_size: int | None = None, **extra):

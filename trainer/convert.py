@@ -369,8 +369,9 @@ def convert(source: str | Path, out_dir: str | Path, to_native: bool = False,
             raise UserError("--to-native", f"converts a hashmoe folder, but {source} holds "
                             f"{native.get('model_type')!r}", "Pass a folder written by hashmoe export or convert.")
         from models import HashMoEConfig
+        from trainer.config import saved_model_fields
 
-        config = HashMoEConfig.from_dict({k: v for k, v in native.items() if k not in ("auto_map", "architectures")})
+        config = HashMoEConfig.from_dict(saved_model_fields(native))
         family, out_config = native_config(config)
     else:
         out_config = None
@@ -383,24 +384,25 @@ def convert(source: str | Path, out_dir: str | Path, to_native: bool = False,
             raise UserError(str(source / "config.json"), f"maps onto no valid hashmoe model ({error})",
                             "Convert a checkpoint whose shape hashmoe supports.") from None
     reader = SafetensorsFolder(source)
-    if sorted(reader.by_layer()[1]) != list(range(config.num_hidden_layers)):
-        raise UserError(str(source), f"holds weights of layers {sorted(reader.by_layer()[1])[:5]}... for "
+    outside, layers = reader.by_layer()
+    if sorted(layers) != list(range(config.num_hidden_layers)):
+        raise UserError(str(source), f"holds weights of layers {sorted(layers)[:5]}... for "
                         f"num_hidden_layers={config.num_hidden_layers}", "Convert a complete checkpoint folder.")
     staging = open_staging(out_dir, source)
     try:
-        return _write_converted(source, out_dir, staging, reader, config, family, out_config, max_shard_bytes,
-                                progress)
+        return _write_converted(source, out_dir, staging, reader, outside, layers, config, family, out_config,
+                                max_shard_bytes, progress)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed conversion leaves no half folder behind
         raise
 
 
-def _write_converted(source: Path, out_dir: Path, staging: Path, reader: SafetensorsFolder, config, family: Family,
-                     out_config, max_shard_bytes: int, progress) -> Path:
-    """The layers of `reader` into `staging`, then OUT: into hashmoe, or with `out_config` (a transformers config)
-    into that native class."""
+def _write_converted(source: Path, out_dir: Path, staging: Path, reader: SafetensorsFolder, outside: list[str],
+                     layers: dict[int, list[str]], config, family: Family, out_config, max_shard_bytes: int,
+                     progress) -> Path:
+    """The tensors of `reader` (`outside` the layers, and each layer's) into `staging`, then OUT: into hashmoe, or
+    with `out_config` (a transformers config) into that native class."""
     to_native = out_config is not None
-    outside, layers = reader.by_layer()
     writer = ShardWriter(staging, max_shard_bytes)
     expected = None if to_native else expected_state(config)
     for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):

@@ -66,10 +66,10 @@ def hf_state_dict(checkpoint_dir: Path, model) -> dict[str, torch.Tensor]:
 def load_checkpoint_model(checkpoint_dir: Path):
     """The HashMoEForCausalLM saved in a hashmoe checkpoint folder (RUN_DIR/checkpoints/step_N), on the CPU."""
     from models import HashMoEConfig, HashMoEForCausalLM
+    from trainer.config import saved_model_fields
 
     state = ckpt.read_state(checkpoint_dir)
-    config = HashMoEConfig(**{k: v for k, v in state["model_config"].items()
-                              if k not in ("architectures", "auto_map", "model_type", "transformers_version")})
+    config = HashMoEConfig(**saved_model_fields(state["model_config"]))
     model = HashMoEForCausalLM(config)
     model.load_state_dict(hf_state_dict(checkpoint_dir, model), strict=True)
     return model

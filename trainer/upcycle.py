@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.config import saved_model_fields
 from trainer.convert import (
     DEFAULT_MAX_SHARD_BYTES,
     SafetensorsFolder,
@@ -37,14 +38,13 @@ from trainer.convert import (
 from trainer.errors import UserError
 
 UPCYCLE_ROUTERS = ("hash", "topk", "switch", "base")
-SAVED_ONLY_KEYS = ("architectures", "auto_map", "model_type", "transformers_version")
 
 
 def dense_source(source: Path) -> tuple[dict, object]:
     """The source's config as HashMoEConfig keyword arguments, and how to read one layer in hashmoe's names."""
     saved = read_config(source)
     if saved.get("model_type") == "hashmoe":
-        kwargs = {k: v for k, v in saved.items() if k not in SAVED_ONLY_KEYS}
+        kwargs = saved_model_fields(saved)
         if kwargs.get("moe_layers"):
             raise UserError(str(source), f"is already a Mixture-of-Experts (moe_layers={kwargs['moe_layers']})",
                             "Upcycle a dense model.")
