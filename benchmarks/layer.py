@@ -363,10 +363,12 @@ def profile_section(profiled: dict, steps: int, experts: int, report: Report) ->
 def main(argv: list[str] | None = None) -> int:
     args = parse_args("layer", argv)
     sizes = QUICK if args.quick else FULL
+    from trainer.config import ParallelConfig
     from trainer.distributed import init_distributed, resolve_env
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    init_distributed(resolve_env())  # a 1-rank gloo group, as `hashmoe train` starts alone
+    # a 1-rank gloo group, as `hashmoe train` starts alone
+    init_distributed(resolve_env(), ParallelConfig().collective_timeout_s)
     torch.set_num_threads(2)
     PLACE.update(device=torch.device(args.device), dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     from deepspeed.utils import logger as ds_logger

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import portable_optim
-from trainer.distributed import collective_device
+from trainer.distributed import collective_device, on_rank0
 from trainer.errors import UserError
 from trainer.fileio import write_text_atomic
 
@@ -155,10 +155,12 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict, keep: int, ra
     staging = root / ".staging"
     tag = f"step_{step}"
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if rank == 0:
+
+    def clear_staging():
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save
         staging.mkdir(parents=True)
-    _barrier()
+
+    on_rank0(clear_staging)
     error = None
     try:
         engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
@@ -170,10 +172,11 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict, keep: int, ra
         error = err  # of it (torch.save reports a full disk as a RuntimeError of its zip writer)
     _raise_if_any_failed(error, rank, staging, root)
     _barrier()
-    # Every rank hashes a share of the files (checkpoints of large models are many GB); rank 0 writes the list.
+    # Every rank hashes a share of the files (checkpoints of large models are many GB), shares of equal bytes, so
+    # no rank waits long for another inside the all-gather; rank 0 writes the list.
     files = sorted(p for p in (staging / tag).rglob("*") if p.is_file())
     mine = {str(p.relative_to(staging / tag)): {"size": p.stat().st_size, "sha256": file_digest(p)}
-            for p in files[rank::world]}
+            for p in hashing_share(files, rank, world)}
     shares = [None] * world
     if world > 1:
         dist.all_gather_object(shares, mine)
@@ -188,15 +191,28 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict, keep: int, ra
             error = err
     _raise_if_any_failed(error, rank, staging, root)
     final = root / tag
-    if rank == 0:
+
+    def publish():
         if final.exists():  # the same step saved again after a fallback: keep the old folder, aside
             final.rename(_aside(final))
         os.replace(staging / tag, final)
         write_text_atomic(root / "latest", tag)
         shutil.rmtree(staging, ignore_errors=True)
         prune(root, keep, step)
-    _barrier()
+
+    on_rank0(publish)  # deleting an old checkpoint of many GB may take a while: not inside a timed collective
     return final
+
+
+def hashing_share(files: list[Path], rank: int, world: int) -> list[Path]:
+    """This rank's files when the ranks split them into shares of about equal bytes (largest first, each to the
+    share with the fewest bytes so far): the same split on every rank."""
+    shares, loads = [[] for _ in range(world)], [0] * world
+    for path in sorted(files, key=lambda p: (-p.stat().st_size, str(p))):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(path)
+        loads[lightest] += path.stat().st_size
+    return shares[rank]
 
 
 def _aside(path: Path) -> Path:

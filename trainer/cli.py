@@ -216,9 +216,10 @@ def add_change_argument(parser: argparse.ArgumentParser) -> None:
 def run_train(args) -> int:
     from trainer.config import load_config
     from trainer.distributed import shutdown_distributed, tool_command
-    from trainer.launch import EXIT_INTERRUPTED
+    from trainer.launch import EXIT_INTERRUPTED, follow_launcher
     from trainer.loop import train
 
+    follow_launcher()
     config = load_config(args.config, args.overrides, args.output)
     summary = train(config, resume=args.resume, allow_config_change=args.allow_config_change)
     shutdown_distributed()
@@ -288,7 +289,7 @@ def run_launch(args) -> int:
     if args.output:
         train_args += ["--output", args.output]
     train_args += ["--resume"] * args.resume + ["--allow-config-change"] * args.allow_config_change
-    return launch_local(args.nproc, train_args)
+    return launch_local(args.nproc, train_args, config.run_dir)
 
 
 def run_slurm(args) -> int:

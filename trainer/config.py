@@ -139,6 +139,10 @@ class OptimConfig:
 class ParallelConfig:
     ep_size: int = 1  # ranks the experts of each MoE layer are sharded over; divides num_experts and world size
     ds_config: str = "cpu"  # name in ds_configs/ (cpu, zero1_bf16, zero2_bf16) or a path to a JSON file
+    # A collective that waits longer for a rank ends the run, naming that rank (trainer/faults.py). NCCL's own
+    # default, 10 minutes: far above any wait of a healthy step (the slowest rank's step, a checkpoint's share of
+    # hashing), while a hung node idles the whole allocation for at most that long, not gloo's 30 minutes.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -345,6 +349,9 @@ def validate(config: RunConfig) -> None:
         raise UserError("optim.lr", f"got {optim.lr}", "Use a positive learning rate.")
     if len(optim.betas) != 2:
         raise UserError("optim.betas", f"got {optim.betas}", "Give two numbers, e.g. [0.9, 0.95].")
+    if not parallel.collective_timeout_s > 0:
+        raise UserError("parallel.collective_timeout_s", f"got {parallel.collective_timeout_s}",
+                        "Use a positive number of seconds (600, the default, suits GPU clusters).")
     if parallel.ep_size < 1:
         raise UserError("parallel.ep_size", f"got {parallel.ep_size}", "Use a positive integer.")
     if parallel.ep_size > 1:
@@ -389,10 +396,12 @@ def save_resolved(config: RunConfig, run_dir: Path) -> None:
 # ---- reruns into an existing run folder ----------------------------------------------------------------
 CHANGES_FILE = "config_changes.jsonl"  # RUN_DIR/: one row per key changed on a resume (--allow-config-change)
 # Keys that may differ between a run and its resume without changing what is trained: where files live, the
-# progress bar, how data is prepared (the store's bytes do not depend on it), the expert-parallel layout
-# (resuming at another ep_size continues the same run) and how the experts' matmuls run (the same function).
+# progress bar, how long a collective may wait, how data is prepared (the store's bytes do not depend on it),
+# the expert-parallel layout (resuming at another ep_size continues the same run) and how the experts' matmuls
+# run (the same function).
 UNRECORDED_KEYS = {"run.output_dir", "data.cache_dir", "data.num_proc", "data.prepare_timeout_s",
-                   "logging.progress", "parallel.ep_size", "model.experts_implementation"}
+                   "logging.progress", "parallel.ep_size", "model.experts_implementation",
+                   "parallel.collective_timeout_s"}
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict:

@@ -5,6 +5,7 @@ allocation by trainer.slurm_env.rendezvous)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -112,10 +113,22 @@ def cpu_threads(env: ProcessEnv, environ=os.environ) -> int:
     return env.cpus_per_task or max(1, (os.cpu_count() or 1) // max(1, env.local_world_size))
 
 
-def init_distributed(env: ProcessEnv) -> str:
-    """Start the process group through DeepSpeed; gloo on CPU, NCCL on GPU. Returns the backend."""
+STORE_ENV = "HASHMOE_STORE"  # "launcher": `hashmoe launch` hosts the rendezvous store, no rank does
+RENDEZVOUS_TIMEOUT_S = 600  # how long the ranks wait for each other at start-up (not a collective's timeout)
+
+
+def init_distributed(env: ProcessEnv, collective_timeout_s: float) -> str:
+    """Start the process group, then DeepSpeed's view of it; gloo on CPU, NCCL on GPU. Returns the backend.
+
+    The rendezvous store is made here rather than by env://, which would give it the collective timeout: ranks
+    that start a few seconds apart (imports on a busy node) must still meet when the timeout is short. Under
+    `hashmoe launch` the launcher hosts the store (trainer.faults reads the ranks' fault reports from it);
+    torchrun's agent hosts its own, reached through env://."""
+    import datetime
+
     import deepspeed
     import deepspeed.ops
+    import torch.distributed as dist
 
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
@@ -125,8 +138,99 @@ def init_distributed(env: ProcessEnv) -> str:
     else:
         torch.cuda.set_device(env.local_rank)
     backend = "nccl" if use_cuda else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
+    if not dist.is_initialized():
+        options = {"device_id": torch.device("cuda", env.local_rank)} if use_cuda and env.world_size > 1 else {}
+        if env.launcher == "torchrun":
+            dist.init_process_group(backend, init_method="env://", timeout=timeout, **options)
+        else:
+            host, port = env.rendezvous.rsplit(":", 1)
+            hosts_store = env.rank == 0 and os.environ.get(STORE_ENV) != "launcher"
+            store = dist.TCPStore(host, int(port), env.world_size, is_master=hosts_store,
+                                  timeout=datetime.timedelta(seconds=max(RENDEZVOUS_TIMEOUT_S, collective_timeout_s)))
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                    **options)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return backend
+
+
+@contextlib.contextmanager
+def groups_inherit_timeout():
+    """Within: every new process group gets the default group's timeout. torch's new_group() does not inherit
+    it (a group made without one gets gloo's 30 minutes or NCCL's 10), and DeepSpeed makes its expert,
+    expert-data-parallel and data-parallel groups with new_group(ranks) alone, inside deepspeed.initialize."""
+    import torch.distributed as dist
+
+    timeout = group_timeout()
+    original = dist.new_group
+
+    def new_group(*args, **kwargs):
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = timeout
+        return original(*args, **kwargs)
+
+    dist.new_group = new_group
+    try:
+        yield
+    finally:
+        dist.new_group = original
+
+
+def group_timeout(group=None):
+    """The timeout a process group's collectives run under (the default group's without `group`)."""
+    import torch.distributed as dist
+
+    group = group or dist.group.WORLD
+    return group._get_backend(collective_device()).options._timeout
+
+
+def on_rank0(work, poll_s: float = 1.0):
+    """Run `work()` on rank 0 and hand its result to every rank; a UserError there is raised on every rank
+    (printed once, by rank 0), so no rank waits for a peer that gave up. The others wait in a small all-reduce
+    every `poll_s`, never in one long collective: rank 0's work (verifying a checkpoint of many GB, a slow file
+    system) may outlast the collective timeout, while a rank 0 that stopped is still found by it."""
+    import threading
+
+    import torch.distributed as dist
+
+    from trainer.errors import UserError
+
+    if not dist.is_initialized():
+        return work()
+    is_main, world_size = dist.get_rank() == 0, dist.get_world_size()
+    outcome = {}
+    if is_main:
+        def run():
+            try:
+                outcome["result"] = work()
+            except UserError as err:
+                outcome["error"] = (err.key, err.problem, err.fix)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the others heard of it
+                outcome["crash"] = err
+
+        worker = threading.Thread(target=run, name="hashmoe-rank0-work", daemon=True)
+        worker.start()
+    while True:
+        done = torch.zeros(1, device=collective_device())
+        if is_main:
+            worker.join(poll_s)
+            done += float(not worker.is_alive())
+        if world_size > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MAX)
+        if done.item():
+            break
+    crash = outcome.pop("crash", None)
+    box = [(outcome.get("result"), outcome.get("error"), crash is not None)]
+    if world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    result, error, crashed = box[0]
+    if crash is not None:
+        raise crash
+    if crashed:
+        raise UserError("rank 0", "failed (its traceback is above)", "See rank 0's error", all_ranks=True)
+    if error is not None:
+        raise UserError(*error, all_ranks=True)
+    return result
 
 
 def collective_device() -> torch.device:

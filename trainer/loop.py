@@ -29,8 +29,16 @@ from trainer.config import (
 from trainer.data.prepare import PreparedData, prepare_data, store_paths
 from trainer.data.schedule import BatchSchedule, MixtureSchedule, valid_shard
 from trainer.data.tasks import answer_errors, far_errors
-from trainer.distributed import ProcessEnv, collective_device, init_distributed, resolve_env
+from trainer.distributed import (
+    ProcessEnv,
+    collective_device,
+    groups_inherit_timeout,
+    init_distributed,
+    on_rank0,
+    resolve_env,
+)
 from trainer.errors import UserError
+from trainer.faults import RunProgress, StallReporter, exit_lost_peer, is_peer_failure, stall_report_s
 from trainer.metrics import MetricsWriter, StepTimer, load_cv, peak_flops, peak_memory_mib, read_metrics
 
 NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
@@ -147,23 +155,6 @@ def flops_per_token(model_config, counts: dict, seq_len: int) -> float:
     return per_pass * model_config.passes_per_token  # a ladder/staircase runs the stack K times per token
 
 
-def on_rank0(env: ProcessEnv, work):
-    """Run `work()` on rank 0 and hand its result to every rank; a UserError there is raised on every rank
-    (printed once, by rank 0), so no rank waits for a peer that gave up."""
-    result, error = None, None
-    if env.is_main:
-        try:
-            result = work()
-        except UserError as err:
-            error = (err.key, err.problem, err.fix)
-    box = [(result, error)]
-    dist.broadcast_object_list(box, src=0)
-    result, error = box[0]
-    if error is not None:
-        raise UserError(*error, all_ranks=True)
-    return result
-
-
 def prepare_on_rank0(config: RunConfig, env: ProcessEnv) -> PreparedData:
     """Rank 0 opens the data store, or builds it while the other ranks wait on the file system, reading its
     heartbeat, not at a collective whose timeout would end the job during a long preparation. Every rank reads
@@ -223,11 +214,15 @@ class StopRequest:
     the process group starts, so a signal that arrives during start-up still ends with a checkpoint."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    FOLDER_CHECK_S = 15.0  # between writes, rank 0 reads the run folder's lock this often
 
     def __init__(self, announce: bool = True):
-        self.received = torch.zeros(len(self.SIGNALS))  # 1 where that signal arrived on this rank
-        self.agreed_flags = torch.zeros(len(self.SIGNALS))  # the same, over all ranks, at the last agreed()
+        self.received = torch.zeros(len(self.SIGNALS) + 1)  # 1 where that signal arrived on this rank; last: lost
+        self.agreed_flags = torch.zeros(len(self.SIGNALS) + 1)  # the same, over all ranks, at the last agreed()
         self.announce = announce  # rank 0 says what a Ctrl-C does
+        self.folder_lock = None  # rank 0: the run folder's lock, read before every write
+        self.lost_folder: str | None = None  # who took the folder (rank 0)
+        self.folder_checked_at = time.monotonic()
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -242,8 +237,15 @@ class StopRequest:
             print("\nhashmoe: interrupt: finishing the step and saving a checkpoint (Ctrl-C again to exit at once)",
                   file=sys.stderr, flush=True)
 
-    def agreed(self) -> bool:
-        """Collective: every rank learns which signals any rank received; all stop at the same step."""
+    def agreed(self, writes_next: bool = True) -> bool:
+        """Collective: every rank learns which signals any rank received, and whether the run folder is still
+        this run's (rank 0 reads its lock when a write comes next, else every FOLDER_CHECK_S); all stop at the
+        same step."""
+        if self.folder_lock is not None and self.lost_folder is None and (
+                writes_next or self.received.any() or time.monotonic() - self.folder_checked_at > self.FOLDER_CHECK_S):
+            self.lost_folder = self.folder_lock.lost()
+            self.folder_checked_at = time.monotonic()
+            self.received[-1] = float(self.lost_folder is not None)
         # A copy: the handler may fire during the all_reduce, and every rank must decide on the same values.
         flags = self.received.clone().to(collective_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -258,6 +260,13 @@ class StopRequest:
     @property
     def interrupted(self) -> bool:
         return bool(self.agreed_flags[2])
+
+    def raise_if_folder_lost(self, run_dir: Path) -> None:
+        """After agreed(): another run took the folder while this one was paused: exit, writing nothing."""
+        if self.agreed_flags[-1]:
+            raise UserError("run.output_dir", f"{run_dir} is no longer this run's: {self.lost_folder}; this run "
+                            "stopped without writing anything more", "Let that run go on (it resumes from the last "
+                            "checkpoint), or train into another folder with --output DIR", all_ranks=True)
 
 
 @dataclass
@@ -307,19 +316,6 @@ def plan_run(config: RunConfig, resume: bool = False, allow_config_change: bool 
     return plan
 
 
-def check_writable(run_dir: Path) -> None:
-    """Before any work: a run folder that cannot be written would fail only at the first metrics row or
-    checkpoint, after data preparation and model set-up."""
-    probe = run_dir / ".hashmoe-write-test"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError("run.output_dir", f"cannot write the run folder {run_dir} ({err.strerror or err})",
-                        "Pick a writable folder with --output DIR (or run.output_dir in the YAML)") from None
-
-
 def finished_summary(config: RunConfig, step: int) -> dict:
     summary_file = config.run_dir / "summary.json"
     summary = {}
@@ -337,19 +333,48 @@ def finished_summary(config: RunConfig, step: int) -> dict:
 
 def train(config: RunConfig, resume: bool = False, allow_config_change: bool = False, on_finish=None) -> dict:
     """Train the run; `on_finish(engine)` (optional) is called on every rank after the last step, for
-    inspection by tools and tests."""
-    import deepspeed
-
-    from trainer.parallel import check_expert_groups, parallelize
-
+    inspection by tools and tests. A collective that fails because another rank stopped answering ends this
+    process with trainer.faults.EXIT_PEER_LOST."""
     started = time.perf_counter()  # the command's wall clock (time/elapsed_s): set-up, evaluation, saving included
 
     env = resolve_env()
     stop = StopRequest(announce=env.is_main)
     check_world_size(config, env.world_size)
+    timeout_s = config.parallel.collective_timeout_s
+    backend = init_distributed(env, timeout_s)
+    progress = RunProgress()
+    held = []  # rank 0: the run folder's lock, taken before anything is written
+    try:
+        on_rank0(lambda: held.append(take_run_folder(config.run_dir)))
+        stop.folder_lock = held[0] if held else None
+        return _train(config, env, backend, stop, progress, started, resume, allow_config_change, on_finish)
+    except Exception as err:
+        if env.world_size > 1 and is_peer_failure(err):
+            for lock in held:
+                lock.release()
+            exit_lost_peer(err, env.rank, env.world_size, progress, config.run_dir, timeout_s)
+        raise
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def take_run_folder(run_dir: Path):
+    """This run's hold on its folder: its own lock, or, on a rank of `hashmoe launch`, the launcher's."""
+    from trainer.run_lock import TOKEN_ENV, RunFolderLock
+
+    token = os.environ.get(TOKEN_ENV)
+    return RunFolderLock.adopt(run_dir, token) if token else RunFolderLock.acquire(run_dir)
+
+
+def _train(config: RunConfig, env: ProcessEnv, backend: str, stop: StopRequest, progress: RunProgress,
+           started: float, resume: bool, allow_config_change: bool, on_finish) -> dict:
+    import deepspeed
+
+    from trainer.parallel import check_expert_groups, parallelize
+
     run_dir = config.run_dir
-    backend = init_distributed(env)
-    plan = on_rank0(env, lambda: plan_run(config, resume, allow_config_change))
+    plan = on_rank0(lambda: plan_run(config, resume, allow_config_change))
     if env.is_main:
         for warning in plan.warnings:
             print(f"hashmoe: warning: {warning}; using {plan.checkpoint or 'no checkpoint (a new run)'} instead "
@@ -357,7 +382,6 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
                   file=sys.stderr, flush=True)
     if plan.finished is not None:
         return plan.finished
-    on_rank0(env, lambda: check_writable(run_dir))
     if env.is_main:
         if env.world_size > 1:
             print(f"hashmoe: {env.world_size} ranks ({env.launcher}), rendezvous {env.rendezvous}, {backend}",
@@ -367,11 +391,12 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
     model = build_model(config, data)
     counts = model.parameter_counts()
     model_config = model.config
-    parallelize(model, config.parallel.ep_size, env.rank)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, config.optim.weight_decay),
-        config=deepspeed_config(config),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(config, s)))
+    with groups_inherit_timeout():  # DeepSpeed's expert and data-parallel groups, made in here
+        parallelize(model, config.parallel.ep_size, env.rank)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, config.optim.weight_decay),
+            config=deepspeed_config(config),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(config, s)))
     check_expert_groups(engine.module, env.rank)
 
     start_step = plan.start_step
@@ -398,10 +423,15 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
         if plan.changes:
             record_changes(run_dir, plan.changes, start_step)
 
-    loop = TrainLoop(config, env, engine, data, model_config, counts, stop)
+    loop = TrainLoop(config, env, engine, data, model_config, counts, stop, progress)
     # a resumed run's clock goes on from what its checkpoint had used (time after that checkpoint is lost)
     loop.elapsed_before = plan.state.get("elapsed_seconds", 0.0) + (loop.created - started)
-    summary = loop.run(start_step)
+    reporter = StallReporter(progress, stall_report_s(config.parallel.collective_timeout_s)) if env.is_main else None
+    try:
+        summary = loop.run(start_step)
+    finally:
+        if reporter is not None:
+            reporter.stop()
     if on_finish is not None:
         on_finish(engine)
     if summary["stopped_early"]:
@@ -455,8 +485,10 @@ def check_resumable(config: RunConfig, checkpoint_dir: Path, saved: dict) -> Non
 
 
 class TrainLoop:
-    def __init__(self, config, env, engine, data, model_config, counts, stop: StopRequest | None = None):
+    def __init__(self, config, env, engine, data, model_config, counts, stop: StopRequest | None = None,
+                 progress: RunProgress | None = None):
         self.config, self.env, self.engine, self.data = config, env, engine, data
+        self.progress = progress or RunProgress()
         self.counts = counts
         self.model_config_dict = json.loads(model_config.to_json_string())
         optim = config.optim
@@ -507,13 +539,20 @@ class TrainLoop:
         step = start_step
         engine.train()
         timer.resume()
+        self.progress.step_finished(step)
+        every = config.checkpoint.every
         while step < max_steps:
+            self.progress.set(f"during step {step + 1}")
             self.train_step(step)
             step += 1
+            self.progress.step_finished(step)
             if self.data.mixture:
                 self.announce_new_epochs(step)
             timer.steps += 1
-            stop = self.stop.agreed()
+            writes_next = (step % config.logging.log_every == 0 or step % config.logging.eval_every == 0
+                           or (every and step % every == 0) or step == max_steps)
+            stop = self.stop.agreed(writes_next)
+            self.stop.raise_if_folder_lost(config.run_dir)
             is_last = step == max_steps or stop
             if step % config.logging.log_every == 0 or is_last:
                 seconds, steps = timer.window()
@@ -522,10 +561,12 @@ class TrainLoop:
                     progress.set_postfix(loss=f"{row['train/loss']:.3f}", upd_s=f"{row['train/updates_per_sec']:.2f}")
             if step % config.logging.eval_every == 0 or is_last:
                 timer.pause()
+                self.progress.set(f"during the evaluation at step {step}")
                 last_valid = self.evaluate(step)
                 timer.resume()
-            if (config.checkpoint.every and step % config.checkpoint.every == 0) or is_last:
+            if (every and step % every == 0) or is_last:
                 timer.pause()
+                self.progress.set(f"while saving checkpoint step_{step}")
                 ckpt.save_checkpoint(engine, config.run_dir, step, self.checkpoint_state(), config.checkpoint.keep,
                                      self.env.rank)
                 timer.resume()

@@ -18,12 +18,15 @@ requeueing: requeueing would undo a cancel, and with PreemptMode=REQUEUE Slurm r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,8 +149,8 @@ def check_request(config: RunConfig, request: SlurmRequest) -> None:
 class RenderedJob:
     script: str
     run_dir: Path  # absolute
-    config_snapshot: Path  # RUN_DIR/slurm/run.yaml, what every rank (and every requeue) trains from
-    script_path: Path  # RUN_DIR/slurm/job.sbatch
+    config_snapshot: Path  # RUN_DIR/slurm/SUBMISSION/run.yaml, what every rank (and every requeue) trains from
+    script_path: Path  # RUN_DIR/slurm/SUBMISSION/job.sbatch
     log_dir: Path  # RUN_DIR/slurm: %j.out (rank output) and %j.err (errors, progress bars)
     snapshot_text: str
 
@@ -165,11 +168,16 @@ def render(config: RunConfig, request: SlurmRequest, workdir: Path | None = None
     workdir = (workdir or Path.cwd()).resolve()
     run_dir = (workdir / config.run_dir).resolve()
     log_dir = run_dir / "slurm"
-    snapshot = log_dir / "run.yaml"
+    # Each submission keeps its own config and script: a job still pending trains from what was submitted with
+    # it, whatever a later submission into the same folder says.
+    submission = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    snapshot = submission / "run.yaml"
     resolved = config.to_dict()
     resolved["run"]["output_dir"] = str(run_dir)
     hashmoe = hashmoe_command(request)
-    sbatch = [f"--job-name={job_name(config)}", f"--nodes={request.nodes}",
+    # singleton: Slurm runs one job of this name (one per run folder) and user at a time; a second submission
+    # waits for the first to end instead of racing it for the folder
+    sbatch = [f"--job-name={job_name(run_dir)}", "--dependency=singleton", f"--nodes={request.nodes}",
               f"--ntasks-per-node={request.tasks_per_node}"]
     if request.gpus_per_node:
         sbatch.append(f"--gpus-per-node={request.gpus_per_node}")
@@ -193,7 +201,7 @@ def render(config: RunConfig, request: SlurmRequest, workdir: Path | None = None
     }
     template = Path(request.template) if request.template else TEMPLATE
     script = fill_template(template.read_text(), values, template)
-    return RenderedJob(script, run_dir, snapshot, log_dir / "job.sbatch", log_dir,
+    return RenderedJob(script, run_dir, snapshot, submission / "job.sbatch", log_dir,
                        yaml.safe_dump(resolved, sort_keys=False))
 
 
@@ -206,7 +214,7 @@ def render_prepare(config: RunConfig, request: SlurmRequest, job: RenderedJob,
     """The data preparation job (one task, CPUs only) for the same config snapshot: (script, its path)."""
     workdir = (workdir or Path.cwd()).resolve()
     hashmoe = hashmoe_command(request)
-    sbatch = [f"--job-name=prep-{job_name(config)}"[:64], "--nodes=1", "--ntasks=1",
+    sbatch = [f"--job-name=prep-{job_name(job.run_dir)}", "--nodes=1", "--ntasks=1",
               f"--cpus-per-task={prepare_cpus(request)}"]
     partition = request.prepare_partition or request.partition
     for name, value in (("partition", partition), ("account", request.account), ("qos", request.qos),
@@ -221,7 +229,8 @@ def render_prepare(config: RunConfig, request: SlurmRequest, job: RenderedJob,
         "site_setup": site_setup(request),
         "prepare_command": f"{hashmoe} prepare {shlex.quote(str(job.config_snapshot))}",
     }
-    return fill_template(PREPARE_TEMPLATE.read_text(), values, PREPARE_TEMPLATE), job.log_dir / "prepare.sbatch"
+    return fill_template(PREPARE_TEMPLATE.read_text(), values, PREPARE_TEMPLATE), job.script_path.with_name(
+        "prepare.sbatch")
 
 
 def fill_template(text: str, values: dict[str, str], source: Path) -> str:
@@ -234,8 +243,11 @@ def fill_template(text: str, values: dict[str, str], source: Path) -> str:
     return re.sub(r"[ \t]+\n", "\n", text)
 
 
-def job_name(config: RunConfig) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"hashmoe-{config.run.name}")[:64]
+def job_name(run_dir: Path) -> str:
+    """One name per run folder (`--dependency=singleton` keys on it): the folder's name, readable in squeue,
+    and a digest of its absolute path, so two folders of the same name do not wait for each other."""
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"hashmoe-{Path(run_dir).name[:40]}-{digest}")
 
 
 def submit(job: RenderedJob, run=subprocess.run, environ=None,
@@ -248,6 +260,7 @@ def submit(job: RenderedJob, run=subprocess.run, environ=None,
         raise UserError("sbatch", "not found on PATH", "Run `hashmoe slurm` on a Slurm login node (or load the "
                         "site's slurm module), or use --dry-run to see the job script.")
     job.log_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens the logs before the script runs
+    job.config_snapshot.parent.mkdir(parents=True, exist_ok=True)
     job.config_snapshot.write_text(job.snapshot_text)
     job.script_path.write_text(job.script)
     prepare_id, dependency = None, []
@@ -255,7 +268,8 @@ def submit(job: RenderedJob, run=subprocess.run, environ=None,
         prepare[1].write_text(prepare[0])
         prepare_id = sbatch_script(sbatch, prepare[1], [], run, environ)
         # a failed preparation cancels the training job (else it would stay pending, DependencyNeverSatisfied)
-        dependency = [f"--dependency=afterok:{prepare_id}", "--kill-on-invalid-dep=yes"]
+        # (on the command line, this replaces the script's --dependency=singleton: both are kept)
+        dependency = [f"--dependency=afterok:{prepare_id},singleton", "--kill-on-invalid-dep=yes"]
     return sbatch_script(sbatch, job.script_path, dependency, run, environ), prepare_id
 
 
@@ -307,5 +321,8 @@ def slurm_command(config_path: str, overrides: list[str], output: str | None, re
           f"  queue:       squeue -j {job_id}\n"
           f"  log:         tail -f {log}   (errors and progress: {job.log_dir / f'{job_id}.err'})\n"
           f"  TensorBoard: {tool_command('tensorboard')} --logdir {job.run_dir / 'tb'}\n"
-          f"  stop:        scancel {job_id}   (checkpoints, then stops; resubmit to continue)", flush=True)
+          f"  stop:        scancel {job_id}   (checkpoints, then stops; resubmit to continue)\n"
+          f"  one at a time: job name {job_name(job.run_dir)} with --dependency=singleton: it starts only once no "
+          "other job of that name (this run folder) is running, and its config is its own "
+          f"({job.config_snapshot})", flush=True)
     return 0

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from models import HashMoEConfig, HashMoEForCausalLM
+from trainer.config import ParallelConfig
 from trainer.distributed import init_distributed, resolve_env, shutdown_distributed
 from trainer.parallel import expert_parallel_layers, parallelize
 
@@ -35,7 +36,7 @@ CASES = {"hash": dict(router="hash", hash_function="random"),
 
 def main(out_path: str) -> None:
     env = resolve_env()
-    init_distributed(env)
+    init_distributed(env, ParallelConfig().collective_timeout_s)
     results = {}
     for implementation in ("grouped_mm", "eager"):
         for name, extra in CASES.items():

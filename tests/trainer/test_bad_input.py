@@ -147,6 +147,16 @@ def read_only_output(ctx: Ctx) -> Case:
     return Case(train(ctx.config(folder / "run")))
 
 
+def folder_in_use(ctx: Ctx) -> Case:
+    """A run on another node holds the folder (its lock, heartbeat just now): refused, its lock untouched."""
+    run_dir = ctx.tmp / "new-run"
+    run_dir.mkdir()
+    (run_dir / "run.lock").write_text(json.dumps({
+        "host": "node-b", "pid": 4242, "command": "hashmoe train", "token": "b" * 32, "slurm_job_id": "812",
+        "since": "2026-12-06 09:00:00 UTC"}))
+    return Case(train(ctx.config()), keep=run_dir)
+
+
 def hub_push(ctx: Ctx, token: str, repo_id: str) -> Case:
     run_dir, _ = ctx.copy_run()
     hub = HubServer(ctx.tmp / "hub", {"hf_alice": "alice"}).__enter__()
@@ -232,6 +242,8 @@ CASES = [
     ("output-under-a-file", lambda c: Case(train(c.config(c.text("plain-file", b"") / "run"))), "run.output_dir",
      "--output"),
     ("read-only-output", read_only_output, "run.output_dir", "Read-only file system"),
+    ("folder-in-use", folder_in_use, "run.output_dir",
+     "is in use by hashmoe train on host node-b pid 4242, Slurm job 812"),
     ("full-disk-during-checkpoint", full_disk_during_checkpoint, "checkpoints",
      "No space left on device"),
     # ---- Hub

@@ -12,7 +12,7 @@ from trainer.cli import main
 from trainer.config import load_config
 from trainer.distributed import cpu_threads, resolve_env
 from trainer.errors import UserError
-from trainer.slurm import SlurmRequest, check_request, render, time_limit_seconds
+from trainer.slurm import SlurmRequest, check_request, job_name, render, time_limit_seconds
 from trainer.slurm_env import master_port, rendezvous
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ def test_gpu_job_runs_one_rank_per_gpu_and_is_requeueable(tmp_path):
                                       srun_args="--container-image=hashmoe:latest"), workdir=tmp_path)
     run_dir = tmp_path / "runs" / "tiny-ep2"
     assert sbatch_lines(job.script) == [
-        "--job-name=hashmoe-tiny-ep2", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4",
+        f"--job-name={job_name(run_dir)}", "--dependency=singleton", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4",
         "--partition=gpu", "--account=proj1", "--qos=high", "--time=1-00:00:00",
         f"--output={run_dir}/slurm/%j.out", f"--error={run_dir}/slurm/%j.err", "--open-mode=append",
         "--requeue", "--signal=USR1@300", f"--chdir={tmp_path}"]
@@ -38,13 +38,16 @@ def test_gpu_job_runs_one_rank_per_gpu_and_is_requeueable(tmp_path):
     assert "module load cuda/12.4" in lines
     srun = lines.index(next(line for line in lines if line.startswith("srun ")))
     assert lines[srun] == "srun --kill-on-bad-exit=1 --container-image=hashmoe:latest \\"
-    assert lines[srun + 1].strip().endswith(f"-m trainer.cli train {run_dir}/slurm/run.yaml")
+    assert lines[srun + 1].strip().endswith(f"-m trainer.cli train {job.config_snapshot}")
     # the submitting shell's launcher variables are dropped before srun starts the ranks
     unset = lines.index(next(line for line in lines if line.startswith("unset RANK WORLD_SIZE")))
     assert unset < lines.index("module load cuda/12.4") < srun  # site setup may export its own MASTER_ADDR
     assert "{{" not in job.script
     # the job trains from a snapshot of the resolved config, its run folder made absolute
-    assert job.config_snapshot == run_dir / "slurm" / "run.yaml"
+    # (one folder per submission: a pending job's snapshot is never overwritten by the next submission)
+    assert job.config_snapshot.name == "run.yaml" and job.config_snapshot.parents[1] == run_dir / "slurm"
+    assert job.script_path == job.config_snapshot.with_name("job.sbatch")
+    assert render(config, SlurmRequest(), workdir=tmp_path).config_snapshot != job.config_snapshot
     assert f"output_dir: {run_dir}" in job.snapshot_text and "ep_size: 2" in job.snapshot_text
 
 
@@ -52,7 +55,8 @@ def test_cpu_job_takes_the_tasks_per_node_and_no_gpus(tmp_path):
     job = render(load_config(TINY_EP2), SlurmRequest(nodes=1, gpus_per_node=0, ntasks_per_node=2, cpus_per_task=1),
                  workdir=tmp_path)
     options = sbatch_lines(job.script)
-    assert options[:4] == ["--job-name=hashmoe-tiny-ep2", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
+    assert options[:5] == [f"--job-name={job_name(tmp_path / 'runs' / 'tiny-ep2')}", "--dependency=singleton",
+                           "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
     assert not any(o.startswith(("--gpus", "--partition", "--time")) for o in options)
     assert "srun --kill-on-bad-exit=1 \\" in job.script.splitlines()
 
@@ -114,15 +118,19 @@ def test_submit_calls_sbatch_and_says_how_to_follow_the_job(tmp_path, capsys, mo
     assert "submitted job 4242: 1 node(s) x 2 GPUs = 2 ranks" in out
     assert "squeue -j 4242" in out and f"tail -f {run_dir}/slurm/4242.out" in out
     assert f"tensorboard --logdir {run_dir}/tb" in out
-    # no token store yet (data_cache/ here is empty): the preparation job first, training waits for it
+    [submission] = [p for p in (run_dir / "slurm").iterdir() if p.is_dir()]
+    # no token store yet (data_cache/ here is empty): the preparation job first, training waits for it (and for
+    # any other job of this run folder: singleton)
     assert [line.split() for line in (tmp_path / "sbatch.args").read_text().splitlines()] == [
-        ["--parsable", str(run_dir / "slurm" / "prepare.sbatch")],
-        ["--parsable", "--dependency=afterok:4242", "--kill-on-invalid-dep=yes", str(run_dir / "slurm" / "job.sbatch")]]
+        ["--parsable", str(submission / "prepare.sbatch")],
+        ["--parsable", "--dependency=afterok:4242,singleton", "--kill-on-invalid-dep=yes",
+         str(submission / "job.sbatch")]]
     assert "job 4242 (8 CPUs) prepares it" in out
-    prepare_script = (run_dir / "slurm" / "prepare.sbatch").read_text()
+    assert f"job name {job_name(run_dir)} with --dependency=singleton" in out
+    prepare_script = (submission / "prepare.sbatch").read_text()
     assert "#SBATCH --cpus-per-task=8" in prepare_script and "gpus" not in prepare_script
-    assert f"-m trainer.cli prepare {run_dir / 'slurm' / 'run.yaml'}" in prepare_script
-    assert "max_steps: 7" in (run_dir / "slurm" / "run.yaml").read_text()  # overrides are in the snapshot
+    assert f"-m trainer.cli prepare {submission / 'run.yaml'}" in prepare_script
+    assert "max_steps: 7" in (submission / "run.yaml").read_text()  # overrides are in the snapshot
 
 
 def test_no_preparation_job_when_the_store_exists_or_is_declined(tmp_path, capsys, monkeypatch):
@@ -135,6 +143,8 @@ def test_no_preparation_job_when_the_store_exists_or_is_declined(tmp_path, capsy
     assert main(["slurm", TINY_EP2, "--gpus-per-node", "2", *task, "--allow-config-change"]) == 0
     calls = (tmp_path / "sbatch.args").read_text().splitlines()
     assert len(calls) == 2 and all(call.endswith("job.sbatch") and "dependency" not in call for call in calls)
+    # two submissions, two snapshots: the first job's config is its own even while it waits
+    assert len([p for p in (tmp_path / "runs" / "tiny-ep2" / "slurm").iterdir() if p.is_dir()]) == 2
     assert "prepares it" not in capsys.readouterr().out
 
 

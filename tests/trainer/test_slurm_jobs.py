@@ -177,3 +177,19 @@ def test_a_missing_store_is_prepared_by_a_cpu_job_that_training_waits_for(cluste
     assert sorted(train_rows(run_dir)) == [1, 2, 3, 4]
     store = next((tmp_path / "fresh-cache").glob("*/manifest.json")).parent
     assert checkpoint_state(run_dir, 4)["data_fingerprint"] == store.name
+
+
+def test_a_second_submission_into_the_folder_waits_for_the_first_instead_of_racing_it(cluster, corpus, tmp_path):
+    config, run_dir = write_run(tmp_path, corpus)
+    first = submit(cluster, config, "--ntasks-per-node", "2")
+    second = submit(cluster, config, "--ntasks-per-node", "2")
+    cluster.wait_for_state(first, {"RUNNING", "COMPLETED"}, 60)
+    waiting = cluster.job(second)
+    if cluster.job(first).get("JobState") == "RUNNING":  # (the first may already be done on a fast machine)
+        assert waiting["JobState"] == "PENDING" and waiting["Reason"] == "Dependency", waiting
+    finish(cluster, first, run_dir)
+    finish(cluster, second, run_dir)
+    assert "already finished at step" in (run_dir / "slurm" / f"{second}.out").read_text()
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == list(range(1, MAX_STEPS + 1))  # each step once: the two jobs never wrote at once

@@ -35,9 +35,15 @@ def test_ep2_training_shards_experts_and_learns(router, corpus, tmp_path):
     corpus_file, cache = corpus
     run_dir = tmp_path / "run"
     config = base_config(run_dir, corpus_file, cache, parallel__ep_size=2, optim__max_steps=10,
-                         logging__eval_blocks=0, checkpoint__every=5, **ROUTERS[router])
+                         logging__eval_blocks=0, checkpoint__every=5, parallel__collective_timeout_s=77,
+                         **ROUTERS[router])
     path = write_config(tmp_path / "run.yaml", config)
     check(run(torchrun(2, ["tests/trainer/ep_worker.py", str(path), str(tmp_path)])))
+
+    # every group, DeepSpeed's expert and expert-data-parallel ones included, waits 77 s, not gloo's 30 min
+    for rank in (0, 1):
+        timeouts = json.loads((tmp_path / f"group_timeouts_{rank}.json").read_text())
+        assert len(timeouts) >= 3 and set(timeouts.values()) == {77.0}, timeouts
 
     states = [torch.load(tmp_path / f"rank_{r}.pt", weights_only=True) for r in (0, 1)]
     assert states[0].keys() == states[1].keys()

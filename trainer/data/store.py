@@ -36,22 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from trainer.errors import UserError
-from trainer.fileio import write_text_atomic
+from trainer.fileio import process_state, this_process, write_text_atomic
 
 STORE_FORMAT = 2  # 1: the safetensors cache of int64 blocks (before the store); bump when the bytes change
 MANIFEST, BUILD_INFO, HEARTBEAT = "manifest.json", "build.json", "heartbeat.json"
 HEARTBEAT_S = 5.0  # the builder rewrites its heartbeat this often
 WAIT_REPORT_S = 60.0  # a waiting rank says what it waits for this often
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ArrayWriter:
@@ -79,7 +69,7 @@ class Heartbeat:
 
     def __init__(self, staging: Path, build_dir: Path):
         self.path, self.build_dir, self.progress = staging / HEARTBEAT, build_dir, {"stage": "starting"}
-        self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "build": build_dir.name}
+        self.identity = {**this_process(), "build": build_dir.name}
         self._stop = threading.Event()
         self._beat()
         self._thread = threading.Thread(target=self._run, name="hashmoe-store-heartbeat", daemon=True)
@@ -156,7 +146,7 @@ def wait_for_store(paths: StorePaths, timeout_s: float, failure_before: str | No
     `dead_pid_stops` False: a dead builder is no reason to stop (a rank waiting for rank 0, which may be about to
     take over that builder's folder: the heartbeat changes then)."""
     start = last_report = last_change = time.monotonic()
-    seen, host = None, socket.gethostname()
+    seen = None
     while True:
         if paths.complete():
             return "complete"
@@ -167,7 +157,7 @@ def wait_for_store(paths: StorePaths, timeout_s: float, failure_before: str | No
         now = time.monotonic()
         if beat is not None and beat != seen:
             seen, last_change = beat, now
-        if dead_pid_stops and beat is not None and beat.get("host") == host and not pid_alive(beat.get("pid", -1)):
+        if dead_pid_stops and beat is not None and process_state(beat) == "dead":
             return "stopped"
         if now - last_change > timeout_s:
             return "stopped" if seen is not None or paths.staging.exists() else "absent"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from trainer.data.store import HEARTBEAT, MANIFEST, StorePaths, build_once, failure_message, wait_for_store
+from trainer.fileio import this_process
 
 
 def slow_build(staging: Path, progress: dict) -> None:
@@ -59,7 +59,7 @@ def test_a_dead_builders_staging_folder_is_taken_over(tmp_path):
     paths = StorePaths(tmp_path / "abc")
     paths.staging.mkdir()
     (paths.staging / "train.bin").write_bytes(b"half")
-    (paths.staging / HEARTBEAT).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
+    (paths.staging / HEARTBEAT).write_text(json.dumps({**this_process(), "pid": dead_pid(), "process_start": ""}))
     started = time.monotonic()
     assert build_once(paths, lambda staging, progress: (staging / MANIFEST).write_text("{}"), timeout_s=60)
     assert time.monotonic() - started < 10  # a dead process on this host needs no timeout
