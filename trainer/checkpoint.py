@@ -173,10 +173,15 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict, keep: int, ra
     _raise_if_any_failed(error, rank, staging, root)
     _barrier()
     # Every rank hashes a share of the files (checkpoints of large models are many GB), shares of equal bytes, so
-    # no rank waits long for another inside the all-gather; rank 0 writes the list.
-    files = sorted(p for p in (staging / tag).rglob("*") if p.is_file())
-    mine = {str(p.relative_to(staging / tag)): {"size": p.stat().st_size, "sha256": file_digest(p)}
-            for p in hashing_share(files, rank, world)}
+    # no rank waits long for another inside the all-gather; rank 0 splits them (one listing, one set of sizes,
+    # whatever another node's file-system cache says) and writes the list.
+    split = [hashing_shares(staging / tag, world) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(split, src=0)
+    mine = {}
+    for name in split[0][rank]:
+        digest = file_digest(staging / tag / name)  # opened first: NFS revalidates the size it reports then
+        mine[name] = {"size": (staging / tag / name).stat().st_size, "sha256": digest}
     shares = [None] * world
     if world > 1:
         dist.all_gather_object(shares, mine)
@@ -204,15 +209,16 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict, keep: int, ra
     return final
 
 
-def hashing_share(files: list[Path], rank: int, world: int) -> list[Path]:
-    """This rank's files when the ranks split them into shares of about equal bytes (largest first, each to the
-    share with the fewest bytes so far): the same split on every rank."""
+def hashing_shares(folder: Path, world: int) -> list[list[str]]:
+    """The files under `folder` (relative names) in `world` shares of about equal bytes: largest first, each to
+    the share with the fewest bytes so far."""
+    files = sorted((p.stat().st_size, str(p.relative_to(folder))) for p in folder.rglob("*") if p.is_file())
     shares, loads = [[] for _ in range(world)], [0] * world
-    for path in sorted(files, key=lambda p: (-p.stat().st_size, str(p))):
+    for size, name in sorted(files, key=lambda f: (-f[0], f[1])):
         lightest = loads.index(min(loads))
-        shares[lightest].append(path)
-        loads[lightest] += path.stat().st_size
-    return shares[rank]
+        shares[lightest].append(name)
+        loads[lightest] += size
+    return shares
 
 
 def _aside(path: Path) -> Path:

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one run (one process, or one rank under a launcher)",
                                 description="Train the run described by RUN.yaml. Without a launcher it runs "
                                 "as a single process; under torchrun, deepspeed, mpirun or srun each process is "
-                                "one rank. Resumes automatically when the run folder holds a checkpoint.")
+                                "one rank. Resumes automatically when the run folder holds a checkpoint. One run per "
+                                "folder: a folder another live run holds is refused (exit 2); a rank that stops "
+                                "answering ends the run after parallel.collective_timeout_s, naming it (exit 3).")
     add_run_arguments(train)
     train.add_argument("--resume", action="store_true",
                        help="require a checkpoint to resume from (otherwise resuming is automatic)")
@@ -66,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch = commands.add_parser("launch", help="start N local ranks of `train` on this machine",
                                  description="Start N local ranks of `hashmoe train` on this machine (loopback "
                                  "rendezvous). Ctrl-C is passed to every rank once: they finish the step, "
-                                 "checkpoint and stop; a second Ctrl-C stops them at once. If a rank fails, the "
-                                 "others are stopped and one line names it.")
+                                 "checkpoint and stop; a second Ctrl-C stops them at once. If a rank fails or stops "
+                                 "answering, every rank is ended and one line names it (exit 3 for a rank that "
+                                 "stopped answering: rerun to resume). The ranks die with the launcher.")
     add_run_arguments(launch)
     launch.add_argument("--nproc", type=int, required=True, help="number of local processes (ranks)")
     launch.add_argument("--resume", action="store_true", help="as for train")
@@ -76,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     slurm = commands.add_parser(
         "slurm", help="submit a run as a Slurm batch job (srun: one rank per GPU or task)",
         description="Check the run config against the allocation, render slurm/hashmoe.sbatch into "
-        "RUN_DIR/slurm/job.sbatch (with a snapshot of the resolved config, RUN_DIR/slurm/run.yaml) and submit it "
-        "with sbatch. The job is requeueable: Slurm sends SIGUSR1 --signal-seconds before the time limit, the "
+        "RUN_DIR/slurm/SUBMISSION/job.sbatch (with a snapshot of the resolved config, RUN_DIR/slurm/SUBMISSION/"
+        "run.yaml) and submit it with sbatch, named after the run folder with --dependency=singleton (one job per "
+        "folder runs at a time). The job is requeueable: Slurm sends SIGUSR1 --signal-seconds before the time limit, the "
         "ranks checkpoint and the job requeues itself and resumes. Logs: RUN_DIR/slurm/JOBID.out/.err.",
         epilog="CPU partitions: --gpus-per-node 0 --ntasks-per-node T (gloo). GPU partitions: one rank per GPU "
         "(NCCL). Operators: see slurm/README.md.")

@@ -114,7 +114,7 @@ def cpu_threads(env: ProcessEnv, environ=os.environ) -> int:
 
 
 STORE_ENV = "HASHMOE_STORE"  # "launcher": `hashmoe launch` hosts the rendezvous store, no rank does
-RENDEZVOUS_TIMEOUT_S = 600  # how long the ranks wait for each other at start-up (not a collective's timeout)
+RENDEZVOUS_TIMEOUT_S = 1800  # how long the ranks wait for each other at start-up (torch's default; not a collective's)
 
 
 def init_distributed(env: ProcessEnv, collective_timeout_s: float) -> str:
@@ -140,7 +140,11 @@ def init_distributed(env: ProcessEnv, collective_timeout_s: float) -> str:
     backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=collective_timeout_s)
     if not dist.is_initialized():
-        options = {"device_id": torch.device("cuda", env.local_rank)} if use_cuda and env.world_size > 1 else {}
+        # a bound device lets NCCL split communicators; torch 2.6.0 < v < 2.7.1 hang with it (as DeepSpeed knows)
+        from packaging.version import Version
+
+        bind = use_cuda and env.world_size > 1 and not Version("2.6.0") < Version(torch.__version__) < Version("2.7.1")
+        options = {"device_id": torch.device("cuda", env.local_rank)} if bind else {}
         if env.launcher == "torchrun":
             dist.init_process_group(backend, init_method="env://", timeout=timeout, **options)
         else:
@@ -226,8 +230,8 @@ def on_rank0(work, poll_s: float = 1.0):
     result, error, crashed = box[0]
     if crash is not None:
         raise crash
-    if crashed:
-        raise UserError("rank 0", "failed (its traceback is above)", "See rank 0's error", all_ranks=True)
+    if crashed:  # not all_ranks: rank 0 is on its way out and will not meet the others at a barrier
+        raise UserError("rank 0", "failed (its traceback is above)", "See rank 0's error")
     if error is not None:
         raise UserError(*error, all_ranks=True)
     return result

@@ -15,6 +15,7 @@ shows a hang while it happens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -28,9 +29,9 @@ from trainer.distributed import STORE_ENV
 EXIT_PEER_LOST = 3
 REPORT_WAIT_S = 10.0  # how long the ranks that saw a fault wait for each other's reports
 STORE_TIMEOUT_S = 5.0  # a store that does not answer in this time is taken for gone (with rank 0)
-# What the collective layer says when a peer is gone: gloo's transport and PyTorch's own wrappers.
-PEER_FAILURE_MARKERS = ("Timed out waiting", "timed out", "Connection closed by peer", "Connection reset by peer",
-                        "Broken pipe", "Connection refused", "failed to recv", "failed to send", "Socket Timeout")
+# What the collective layer says when a peer is gone: gloo's transport, NCCL's watchdog, the store's socket.
+PEER_FAILURE_MARKERS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                        "Watchdog caught collective operation timeout", "Socket Timeout")
 
 
 def stall_report_s(collective_timeout_s: float) -> float:
@@ -83,7 +84,7 @@ def is_peer_failure(err: BaseException) -> bool:
     """A collective that failed because another rank did not answer or died (not a bug on this rank)."""
     import torch.distributed as dist
 
-    if isinstance(err, getattr(dist, "DistNetworkError", ())) or isinstance(err, getattr(dist, "DistBackendError", ())):
+    if isinstance(err, getattr(dist, "DistNetworkError", ())):
         return True
     return isinstance(err, RuntimeError) and any(marker in str(err) for marker in PEER_FAILURE_MARKERS)
 
@@ -95,8 +96,9 @@ def how_it_failed(err: BaseException, timeout_s: float) -> str:
     return f"no reply within parallel.collective_timeout_s={timeout_s:g} s"
 
 
-def fault_key(rank: int) -> str:
-    return f"hashmoe/fault/{rank}"
+def fault_key(name: str) -> str:
+    """A key of this run attempt (torchrun's agent keeps its store over restarts)."""
+    return f"hashmoe/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
 
 
 def _store():
@@ -111,8 +113,8 @@ def _store():
 def read_reports(store, world_size: int) -> dict[int, dict]:
     reports = {}
     for rank in range(world_size):
-        if store.check([fault_key(rank)]):
-            reports[rank] = json.loads(store.get(fault_key(rank)))
+        if store.check([fault_key(f"fault/{rank}")]):
+            reports[rank] = json.loads(store.get(fault_key(f"fault/{rank}")))
     return reports
 
 
@@ -160,21 +162,35 @@ def exit_lost_peer(err: BaseException, rank: int, world_size: int, progress: Run
 def _report(rank: int, world_size: int, report: dict, under_launcher: bool, outcome: dict) -> None:
     try:
         store = _store()
-        store.set(fault_key(rank), json.dumps(report))
-        store.add("hashmoe/faults", 1)
+        store.set(fault_key(f"fault/{rank}"), json.dumps(report))
+        store.add(fault_key("faults"), 1)
         if under_launcher:  # the launcher names the silent ranks
             outcome["silent"] = []
             return
         deadline = time.monotonic() + REPORT_WAIT_S
-        while store.add("hashmoe/faults", 0) < world_size and time.monotonic() < deadline:
+        while store.add(fault_key("faults"), 0) < world_size and time.monotonic() < deadline:
             time.sleep(0.2)
         reports = read_reports(store, world_size)
-        outcome["print"] = rank == min(reports)
+        crashed = any(store.check([fault_key(f"crashed/{r}")]) for r in range(world_size) if r not in reports)
+        # one printer, the first to get here; none when a silent rank crashed (its traceback says why)
+        outcome["print"] = not crashed and store.compare_set(fault_key("printer"), "", str(rank)) == str(rank).encode()
         outcome["silent"] = [r for r in range(world_size) if r not in reports]
-        store.add("hashmoe/faults_read", 1)
+        store.add(fault_key("faults_read"), 1)
         if rank == 0:  # rank 0 hosts the store: the others read their reports from it first
             deadline = time.monotonic() + STORE_TIMEOUT_S
-            while store.add("hashmoe/faults_read", 0) < len(reports) and time.monotonic() < deadline:
+            while store.add(fault_key("faults_read"), 0) < len(reports) and time.monotonic() < deadline:
                 time.sleep(0.1)
     except Exception:  # noqa: BLE001 - the store does not answer: outcome stays empty
         outcome.clear()
+
+
+def report_crash(rank: int) -> None:
+    """A rank that fails on its own (a bug, a local error) says so before its traceback ends it: the others then
+    do not name it as a rank that stopped answering. Best effort, a few seconds at most."""
+    def mark():
+        with contextlib.suppress(Exception):
+            _store().set(fault_key(f"crashed/{rank}"), "1")
+
+    thread = threading.Thread(target=mark, daemon=True)
+    thread.start()
+    thread.join(STORE_TIMEOUT_S)

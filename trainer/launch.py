@@ -126,7 +126,10 @@ def _wait(ranks: list[subprocess.Popen], store, run_dir: Path) -> int:
                     process.kill()
         time.sleep(0.1)
     codes = [p.returncode for p in ranks]
-    if fault_at is not None or EXIT_PEER_LOST in codes:
+    # a rank that failed on its own (a bug, a configuration error): its peers lost it too, but its own message
+    # says why, and rerunning would fail the same way
+    crashed = [(r, c) for r, c in enumerate(codes) if c > 0 and c not in (EXIT_PEER_LOST, EXIT_INTERRUPTED)]
+    if (fault_at is not None or EXIT_PEER_LOST in codes) and not crashed:
         reports = read_reports(store, len(ranks))
         silent_how = silent_how or {r: _how(p) for r, p in enumerate(ranks) if r not in reports}
         report = min(reports.items())[1] if reports else {}
@@ -136,6 +139,8 @@ def _wait(ranks: list[subprocess.Popen], store, run_dir: Path) -> int:
                          ended="every rank was ended"), file=sys.stderr,
               flush=True)
         return EXIT_PEER_LOST
+    if crashed:
+        first_failure = crashed[0]
     if first_failure is None:
         bad = [(r, c) for r, c in enumerate(codes) if c != 0]
         if not bad:
@@ -146,7 +151,8 @@ def _wait(ranks: list[subprocess.Popen], store, run_dir: Path) -> int:
     rank, code = first_failure
     if code != EXIT_USER_ERROR:  # a configuration or data error: already printed by the rank, in one line
         how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        others = [r for r, c in enumerate(codes) if r != rank and c not in (0, EXIT_INTERRUPTED, EXIT_USER_ERROR)]
+        others = [r for r, c in enumerate(codes)
+                  if r != rank and c not in (0, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_PEER_LOST)]
         print(f"hashmoe launch: rank {rank} {how} (its output is above)"
               + (f"; stopped ranks {', '.join(map(str, others))}" if others else ""), file=sys.stderr, flush=True)
     return code if code > 0 else 1

@@ -38,7 +38,14 @@ from trainer.distributed import (
     resolve_env,
 )
 from trainer.errors import UserError
-from trainer.faults import RunProgress, StallReporter, exit_lost_peer, is_peer_failure, stall_report_s
+from trainer.faults import (
+    RunProgress,
+    StallReporter,
+    exit_lost_peer,
+    is_peer_failure,
+    report_crash,
+    stall_report_s,
+)
 from trainer.metrics import MetricsWriter, StepTimer, load_cv, peak_flops, peak_memory_mib, read_metrics
 
 NO_DECAY_MARKERS = ("embed", "norm", "bias", "router")
@@ -231,6 +238,8 @@ class StopRequest:
         if signum == signal.SIGINT and self.received[index]:
             print("\nhashmoe: second interrupt: exiting without a checkpoint (the last saved one is intact)",
                   file=sys.stderr, flush=True)
+            if self.folder_lock is not None:
+                self.folder_lock.release()
             os._exit(130)
         self.received[index] = 1.0
         if signum == signal.SIGINT and self.announce:
@@ -353,6 +362,8 @@ def train(config: RunConfig, resume: bool = False, allow_config_change: bool = F
             for lock in held:
                 lock.release()
             exit_lost_peer(err, env.rank, env.world_size, progress, config.run_dir, timeout_s)
+        if env.world_size > 1 and not isinstance(err, UserError):
+            report_crash(env.rank)
         raise
     finally:
         for lock in held:

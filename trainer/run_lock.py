@@ -37,6 +37,7 @@ HEARTBEAT_S = 15.0
 # Above the heartbeat period plus NFS's attribute cache (acregmax, 60 s by default), so a live holder whose
 # touches a reader sees late is never taken for gone.
 STALE_S = 120.0
+REQUEUE_STALE_S = 2 * HEARTBEAT_S + 5
 TOKEN_ENV = "HASHMOE_RUN_LOCK_TOKEN"  # `hashmoe launch` holds the lock; its ranks check it with this token
 
 
@@ -68,16 +69,23 @@ def describe(holder: dict | None) -> str:
             f"since {holder.get('since', '?')}")
 
 
+def same_job_requeued(holder: dict | None, me: dict) -> bool:
+    return bool(holder and holder.get("slurm_job_id") and holder.get("slurm_job_id") == me.get("slurm_job_id")
+                and holder.get("slurm_restart_count") != me.get("slurm_restart_count"))
+
+
 def judge(holder: dict | None, age_s: float, me: dict) -> str | None:
     """Why the holder is gone (then take the lock over), or None while it may be alive."""
-    if holder and holder.get("slurm_job_id") and holder.get("slurm_job_id") == me.get("slurm_job_id") \
-            and holder.get("slurm_restart_count") != me.get("slurm_restart_count"):
-        return f"it is this Slurm job before its requeue (restart {holder.get('slurm_restart_count') or 0})"
     state = process_state(holder) if holder else "elsewhere"
     if state == "dead":
         return f"its process {holder.get('pid')} is gone from this host"
     if state == "elsewhere" and age_s > STALE_S:
         return f"no heartbeat for {age_s:.0f} s (a holder on another host touches it every {HEARTBEAT_S:.0f} s)"
+    # Slurm ends a job before requeueing it, but a node cut off from the controller may still run the old one:
+    # its own job is taken back once the heartbeat has stopped for two periods
+    if state == "elsewhere" and same_job_requeued(holder, me) and age_s > REQUEUE_STALE_S:
+        return (f"it is this Slurm job before its requeue (restart {holder.get('slurm_restart_count') or 0}), "
+                f"silent for {age_s:.0f} s")
     return None
 
 
@@ -110,25 +118,32 @@ class RunFolderLock:
             raise UserError("run.output_dir", f"cannot write the run folder {run_dir} ({err.strerror or err})",
                             "Pick a writable folder with --output DIR (or run.output_dir in the YAML)") from None
         try:
-            for _ in range(10):  # each pass either takes the lock, refuses, or removes one gone holder
-                if _link(claim, path):
+            deadline = time.monotonic() + REQUEUE_STALE_S + 5
+            while time.monotonic() < deadline:  # each pass takes the lock, refuses, or removes one gone holder
+                if _link(claim, path, token):
                     lock = cls(run_dir, token, owned=True)
                     lock._start_heartbeat()
                     return lock
                 holder, mtime = read_holder(path)
                 if mtime is None:  # released meanwhile
                     continue
-                # the claim was written just now: its mtime is the file server's clock now
+                os.utime(claim)  # the file server's clock now, as the mtime of a file this run just touched
                 age = claim.stat().st_mtime - mtime
                 reason = judge(holder, age, me)
+                if reason is None and same_job_requeued(holder, me) and process_state(holder) == "elsewhere":
+                    time.sleep(1.0)  # this job's earlier run, on another node: wait for its heartbeat to stop
+                    continue
                 if reason is None:
                     raise UserError("run.output_dir", f"{run_dir} is in use by {describe(holder)} (its heartbeat "
                                     f"{max(age, 0):.0f} s ago)", "Train into another folder with --output DIR, or "
                                     "wait for that run to end (a holder that dies is taken over: at once from the "
                                     f"same host, after {STALE_S:.0f} s without a heartbeat from another)")
-                _take_over(path, holder, reason, token)
-            raise UserError("run.output_dir", f"{run_dir}: could not take {path} (other runs keep taking it)",
-                            "Start one run per folder")
+                if not _take_over(path, holder, reason, claim, me):
+                    time.sleep(0.2)  # another run is taking it over: judge again what it leaves
+            holder, _ = read_holder(path)
+            raise UserError("run.output_dir", f"{run_dir} is in use by {describe(holder)}, which keeps its "
+                            "heartbeat although it is this Slurm job's earlier run", "Make sure the job's earlier "
+                            "run has ended (scancel, or the node's processes), then resubmit")
         finally:
             with contextlib.suppress(OSError):
                 claim.unlink()
@@ -158,14 +173,19 @@ class RunFolderLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            lost = self.lost()
-            if lost is not None:
-                self.lost_to = {"why": lost}
-                print(f"hashmoe: warning: the run folder {self.run_dir} is no longer this run's: {lost}; this run "
-                      "stops before its next write", file=sys.stderr, flush=True)
-                return
-            with contextlib.suppress(OSError):
+            try:
+                lost = self.lost()
+                if lost is not None:
+                    time.sleep(1.0)  # a file server hiccup is not a takeover: read again
+                    lost = self.lost()
+                if lost is not None:
+                    self.lost_to = {"why": lost}
+                    print(f"hashmoe: warning: the run folder {self.run_dir} is no longer this run's: {lost}; this "
+                          "run stops before its next write", file=sys.stderr, flush=True)
+                    return
                 os.utime(self.path)  # no times given: the file server stamps its own
+            except OSError:  # a stale handle, an I/O error: try again at the next beat, never stop beating
+                continue
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if it is still this run's (never another run's)."""
@@ -178,36 +198,45 @@ class RunFolderLock:
         self.owned = False
 
 
-def _link(claim: Path, path: Path) -> bool:
+def _link(claim: Path, path: Path, token: str) -> bool:
     try:
         os.link(claim, path)
         return True
     except FileExistsError:
-        return False
+        # NFS may answer a retried link that did happen with EEXIST: then the lock is this claim
+        return (read_holder(path)[0] or {}).get("token") == token
     except OSError:
-        # NFSv3 may report a link that happened as failed (a retried request): the claim then has two names.
+        # ... or with another error: the claim then has two names
         with contextlib.suppress(OSError):
             if claim.stat().st_nlink == 2:
                 return True
         raise
 
 
-def _take_over(path: Path, holder: dict | None, reason: str, token: str) -> None:
-    """Move the gone holder's lock aside; if another contender replaced it meanwhile (the file moved is not the
-    one judged), put that one back."""
-    aside = path.with_name(f".{LOCK_FILE}.gone-{token}")
+def _take_over(path: Path, holder: dict | None, reason: str, claim: Path, me: dict) -> bool:
+    """Remove a gone holder's lock, one contender at a time: the one that links RUN_DIR/run.lock.break judges
+    the lock again and moves it aside; the others wait and judge what it leaves (a live lock, its own). False if
+    another contender holds the break."""
+    breaker = path.with_name(f"{LOCK_FILE}.break")
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    moved, _ = read_holder(aside)
-    if (moved or {}).get("token") != (holder or {}).get("token"):
+        os.link(claim, breaker)
+    except FileExistsError:
+        with contextlib.suppress(OSError):  # a contender that died holding it: remove after a minute
+            if claim.stat().st_mtime - breaker.stat().st_mtime > 60:
+                breaker.unlink()
+        return False
+    try:
+        current, mtime = read_holder(path)
+        if mtime is None or (current or {}).get("token") != (holder or {}).get("token"):
+            return True  # it changed meanwhile: judge it again
+        if judge(current, claim.stat().st_mtime - mtime, me) is None:
+            return True
+        os.rename(path, path.with_name(f".{LOCK_FILE}.gone-{me['token']}"))
+        print(f"hashmoe: warning: took over the run folder {path.parent} from {describe(holder)}: {reason}",
+              file=sys.stderr, flush=True)
         with contextlib.suppress(OSError):
-            os.link(aside, path)  # fails only if a third run took it: then that one holds it
+            path.with_name(f".{LOCK_FILE}.gone-{me['token']}").unlink()
+        return True
+    finally:
         with contextlib.suppress(OSError):
-            aside.unlink()
-        return
-    print(f"hashmoe: warning: took over the run folder {path.parent} from {describe(holder)}: {reason}",
-          file=sys.stderr, flush=True)
-    with contextlib.suppress(OSError):
-        aside.unlink()
+            breaker.unlink()

@@ -216,3 +216,28 @@ def test_under_torchrun_the_lowest_surviving_rank_names_the_stopped_one(corpus, 
     assert f"last intact checkpoint {latest_checkpoint(run_dir)}" in lines[0]
     assert agent.returncode != 0
     print(f"{lines[0]}  ({seconds:.1f} s after SIGSTOP; torchrun exit {agent.returncode})")
+
+
+def test_a_rank_that_fails_on_its_own_is_reported_as_a_failure_not_a_hang(corpus, tmp_path):
+    """A bug on rank 1 (planted through sitecustomize: train_step raises at step 6): its peer loses it too, but
+    the launcher names the failure and its exit status, not "stopped answering ... run the same command"."""
+    run_dir, config = config_file(tmp_path, corpus, max_steps=36, parallel__ep_size=2)
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1' and os.environ.get('HASHMOE_LAUNCHER'):\n"
+        "    import trainer.loop\n"
+        "    step = trainer.loop.TrainLoop.train_step\n"
+        "    def fail(self, at):\n"
+        "        if at == 5:\n"
+        "            raise ValueError('a bug on rank 1')\n"
+        "        return step(self, at)\n"
+        "    trainer.loop.TrainLoop.train_step = fail\n")
+    env = {**env_for_run(), "PYTHONPATH": f"{plant}{os.pathsep}{ROOT}"}
+    result = subprocess.run(launch_command(config), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "ValueError: a bug on rank 1" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hashmoe launch:")]
+    assert lines == ["hashmoe launch: rank 1 exited with code 1 (its output is above)"], result.stderr[-3000:]
+    assert "stopped answering" not in result.stderr

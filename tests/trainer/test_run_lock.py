@@ -12,7 +12,7 @@ import pytest
 
 from trainer.errors import UserError
 from trainer.fileio import this_process
-from trainer.run_lock import LOCK_FILE, STALE_S, RunFolderLock, read_holder
+from trainer.run_lock import LOCK_FILE, REQUEUE_STALE_S, STALE_S, RunFolderLock, read_holder
 
 
 def foreign_lock(run_dir, age_s: float = 0.0, **fields) -> dict:
@@ -43,7 +43,10 @@ def test_a_second_lock_on_the_same_folder_is_refused_naming_the_holder(tmp_path)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no claim files left behind
 
 
-def test_of_runs_started_at_once_exactly_one_gets_the_folder(tmp_path):
+@pytest.mark.parametrize("before", ["free", "stale"])
+def test_of_runs_started_at_once_exactly_one_gets_the_folder(before, tmp_path):
+    if before == "stale":  # all of them judge the same gone holder: one takes it over, the others see its lock
+        foreign_lock(tmp_path / "run", age_s=STALE_S + 60)
     outcomes, barrier = [], threading.Barrier(8)
 
     def contend():
@@ -89,10 +92,13 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path, capsys):
 
 def test_a_requeued_slurm_job_takes_its_own_lock_back(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    foreign_lock(run_dir, slurm_job_id="812", slurm_restart_count=None)  # fresh: the job's first run
+    # the job's first run, on another node, went silent a little under REQUEUE_STALE_S ago: waited for, taken
+    foreign_lock(run_dir, age_s=REQUEUE_STALE_S - 3, slurm_job_id="812", slurm_restart_count=None)
     environ = {"SLURM_JOB_ID": "812", "SLURM_RESTART_COUNT": "1"}
+    started = time.monotonic()
     lock = RunFolderLock.acquire(run_dir, environ=environ)
-    assert "this Slurm job before its requeue" in capsys.readouterr().err
+    assert 2 < time.monotonic() - started < 10
+    assert "this Slurm job before its requeue (restart 0), silent for" in capsys.readouterr().err
     lock.release()
 
     foreign_lock(run_dir, slurm_job_id="812", slurm_restart_count="1")  # another step of the same allocation
