@@ -171,10 +171,10 @@ def deepspeed_stock_moe(sizes: dict, experts: int):
 
 def hashmoe_on_deepspeed(bench: Bench, experts: int, stock: bool):
     """A 1-layer model's MoE FFN on DeepSpeed at ep_size 1, hash routing: through hashmoe's dispatcher
-    (trainer.parallel.parallelize, as training runs it) or through DeepSpeed's stock MOELayer dispatch
+    (trainer.parallel.expert_parallel.parallelize, as training runs it) or through DeepSpeed's stock MOELayer dispatch
     (benchmarks/stock_moe.py, the same routing)."""
     from benchmarks.stock_moe import StockMoE
-    from trainer.parallel import parallelize
+    from trainer.parallel.expert_parallel import parallelize
 
     model = bench.model_mlp(experts, "hash")
     if stock:
@@ -363,8 +363,8 @@ def profile_section(profiled: dict, steps: int, experts: int, report: Report) ->
 def main(argv: list[str] | None = None) -> int:
     args = parse_args("layer", argv)
     sizes = QUICK if args.quick else FULL
-    from trainer.config import ParallelConfig
-    from trainer.distributed import init_distributed, resolve_env
+    from trainer.parallel.distributed import init_distributed, resolve_env
+    from trainer.run.config import ParallelConfig
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # a 1-rank gloo group, as `hashmoe train` starts alone

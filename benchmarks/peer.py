@@ -45,7 +45,7 @@ def build_pair(sizes: dict, experts: int, folder: Path):
     """(transformers' model, the same weights as a hashmoe folder)."""
     from transformers import Qwen3MoeForCausalLM
 
-    from trainer.convert import convert
+    from trainer.publish.convert import convert
 
     torch.manual_seed(0)
     native = Qwen3MoeForCausalLM(native_config(sizes, experts))

@@ -94,8 +94,8 @@ def run_config(sizes: dict, router: str, run_dir: Path) -> dict:
 
 
 def train_once(sizes: dict, router: str, folder: Path) -> Result:
-    from trainer.distributed import free_port
-    from trainer.metrics import read_metrics
+    from trainer.parallel.distributed import free_port
+    from trainer.run.metrics import read_metrics
 
     name = router
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ The dispatcher, in the shape torchtitan and Megatron-Core use:
         -> exchange back -> un-permute and combine (weighted sum over each token's K routes).
 
 The local path is the expert-parallel path with a group of one: `dispatch(..., exchange=None)`. Expert
-parallelism (trainer/expert_exchange.py) passes an exchange over its process group; the model file knows
+parallelism (trainer/parallel/expert_exchange.py) passes an exchange over its process group; the model file knows
 nothing of processes. The GShard one-hot [T, E, capacity] tensor is never built: memory stays O(T*K*D).
 """
 
@@ -385,7 +385,7 @@ def dispatch(x_TD: torch.Tensor, expert_index_TK: torch.Tensor, expert_weight_TK
     """y_t = sum_k weight[t, k] * expert_{index[t, k]}(x_t); dropped routes (-1) give 0.
 
     `exchange` None: every slot is in `bank`. Otherwise `bank` holds this process's slots and `exchange`
-    (trainer/expert_exchange.py) moves the sorted rows to the processes holding their slots and back:
+    (trainer/parallel/expert_exchange.py) moves the sorted rows to the processes holding their slots and back:
     `exchange.to_experts(x_AD, plan) -> (x_RD, tokens_per_local_slot, transfer)` and
     `exchange.to_routes(y_RD, transfer) -> y of the kept routes, in sorted order`."""
     num_slots = bank.num_slots if exchange is None else exchange.num_slots

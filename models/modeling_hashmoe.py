@@ -16,7 +16,7 @@ Shape suffixes: B batch, S query length, P cached + new length, D width, T = B*S
 heads, Hkv key/value heads, hd head width.
 
 The model knows nothing of processes or DeepSpeed: expert parallelism replaces each `HashMoESparseMLP` from
-outside (trainer/parallel.py) with a module of the same call signature.
+outside (trainer/parallel/expert_parallel.py) with a module of the same call signature.
 """
 
 from __future__ import annotations

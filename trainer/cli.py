@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dense hashmoe folder; OUT is a hashmoe MoE model in which every expert of the MoE layers is a copy of the "
         "dense FFN and each MoE layer has a new router (drawn from --seed). With a hash router, or top-k "
         "(renormalised weights), its logits at step 0 equal the dense model's; Switch and BASE scale the FFN "
-        "output by their gate at first (see trainer/upcycle.py). Train from it with `model.init_from: OUT` "
+        "output by their gate at first (see trainer/publish/upcycle.py). Train from it with `model.init_from: OUT` "
         "(its tokenizer comes along).")
     add_folder_arguments(upcycle, "DENSE")
     upcycle.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer")
@@ -218,10 +218,10 @@ def add_change_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from trainer.config import load_config
-    from trainer.distributed import shutdown_distributed, tool_command
-    from trainer.launch import EXIT_INTERRUPTED, follow_launcher
-    from trainer.loop import train
+    from trainer.cluster.launch import EXIT_INTERRUPTED, follow_launcher
+    from trainer.parallel.distributed import shutdown_distributed, tool_command
+    from trainer.run.config import load_config
+    from trainer.run.loop import train
 
     follow_launcher()
     config = load_config(args.config, args.overrides, args.output)
@@ -245,9 +245,9 @@ def run_train(args) -> int:
 def run_prepare(args) -> int:
     import time
 
-    from trainer.config import load_config
     from trainer.data.prepare import prepare_data, store_paths
     from trainer.data.store import BUILD_INFO, Store
+    from trainer.run.config import load_config
 
     config = load_config(args.config, args.overrides, None)
     existed = store_paths(config.data, config.run.seed).complete()
@@ -280,8 +280,8 @@ def run_prepare(args) -> int:
 
 
 def run_launch(args) -> int:
-    from trainer.config import check_world_size, load_config
-    from trainer.launch import launch_local
+    from trainer.cluster.launch import launch_local
+    from trainer.run.config import check_world_size, load_config
 
     config = load_config(args.config, args.overrides, args.output)  # fail here, not in N processes
     if args.nproc < 1:
@@ -297,7 +297,7 @@ def run_launch(args) -> int:
 
 
 def run_slurm(args) -> int:
-    from trainer.slurm import SlurmRequest, slurm_command
+    from trainer.cluster.slurm import SlurmRequest, slurm_command
 
     request = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ntasks_per_node=args.ntasks_per_node,
                            cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
@@ -337,7 +337,7 @@ def shard_bytes(args) -> int:
 
 
 def run_convert(args) -> int:
-    from trainer.convert import convert
+    from trainer.publish.convert import convert
 
     bar, progress = layer_progress("convert")
     with bar:
@@ -348,7 +348,7 @@ def run_convert(args) -> int:
 
 
 def run_upcycle(args) -> int:
-    from trainer.upcycle import upcycle
+    from trainer.publish.upcycle import upcycle
 
     bar, progress = layer_progress("upcycle")
     with bar:
@@ -361,7 +361,7 @@ def run_upcycle(args) -> int:
 
 
 def run_export(args) -> int:
-    from trainer.export import export_checkpoint
+    from trainer.publish.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir)
     print(f"hashmoe: exported to {out}")
@@ -369,7 +369,7 @@ def run_export(args) -> int:
 
 
 def run_push(args) -> int:
-    from trainer.hub import push
+    from trainer.publish.hub import push
 
     result = push(args.source, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                   commit_message=args.commit_message, endpoint=args.endpoint, run_dir=args.run_dir,
@@ -391,7 +391,7 @@ def run_push(args) -> int:
 
 
 def run_compare(args) -> int:
-    from trainer.compare import compare_runs
+    from trainer.analysis.compare import compare_runs
 
     report = compare_runs(args.run_dirs, args.out, label_by=args.labels)
     print(report.read_text(), end="")
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as err:
-        from trainer.distributed import shutdown_distributed
+        from trainer.parallel.distributed import shutdown_distributed
 
         if args.debug:
             traceback.print_exc()

@@ -10,7 +10,7 @@ accelerate has no expert-parallel axis; DeepSpeed does. A hashmoe model gets one
 Aux-loss-free balancing (`router_bias_update_rate` > 0) moves the routers' biases after every optimizer step; under
 your own Trainer add the callback that does it: `Trainer(..., callbacks=[RouterBiasUpdate()])`.
 
-`shard_experts` swaps each MoE FFN for its expert-parallel twin (`trainer.parallel.parallelize`, the same module
+`shard_experts` swaps each MoE FFN for its expert-parallel twin (`trainer.parallel.expert_parallel.parallelize`, the same module
 `hashmoe train` uses): each rank keeps `num_experts / ep_size` experts, tokens travel by all-to-all. DeepSpeed's
 engine, which the Trainer builds from the config, marks the expert parameters, reduces their gradients over the
 expert-data-parallel group only and saves one file per expert. Without DeepSpeed (plain DDP) the expert gradients
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
-from trainer.parallel import parallelize
+from trainer.parallel.expert_parallel import parallelize
 
 
 def shard_experts(model: nn.Module, ep_size: int) -> nn.Module:

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from models import HashMoEConfig, HashMoEForCausalLM
-from trainer.config import ParallelConfig
-from trainer.distributed import init_distributed, resolve_env, shutdown_distributed
-from trainer.parallel import expert_parallel_layers, parallelize
+from trainer.parallel.distributed import init_distributed, resolve_env, shutdown_distributed
+from trainer.parallel.expert_parallel import expert_parallel_layers, parallelize
+from trainer.run.config import ParallelConfig
 
 CASES = {"hash": dict(router="hash", hash_function="random"),
          "hash-multi": dict(router="hash", hash_function="random", hash_heads=2),

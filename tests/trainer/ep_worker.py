@@ -7,16 +7,16 @@ import sys
 
 import torch
 
-from trainer.config import load_config
-from trainer.distributed import shutdown_distributed
-from trainer.loop import train
+from trainer.parallel.distributed import shutdown_distributed
+from trainer.run.config import load_config
+from trainer.run.loop import train
 
 
 def main(config_path: str, dump_dir: str) -> None:
     def dump(engine):
         from torch.distributed import distributed_c10d
 
-        from trainer.distributed import group_timeout
+        from trainer.parallel.distributed import group_timeout
 
         rank = os.environ["RANK"]
         torch.save(engine.module.state_dict(), os.path.join(dump_dir, f"rank_{rank}.pt"))

@@ -64,7 +64,7 @@ def env_for_run() -> dict:
 
 
 def torchrun(nproc: int, module_args: list[str]) -> list[str]:
-    from trainer.distributed import free_port
+    from trainer.parallel.distributed import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + module_args
@@ -87,7 +87,7 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def train_rows(run_dir: Path) -> dict[int, dict]:
-    from trainer.metrics import read_metrics
+    from trainer.run.metrics import read_metrics
 
     return {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
 

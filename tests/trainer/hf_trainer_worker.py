@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
-from trainer.config import load_config
 from trainer.data import BatchSchedule, prepare_data
-from trainer.distributed import shutdown_distributed
 from trainer.hf import RouterBiasUpdate, deepspeed_config, shard_experts
-from trainer.loop import build_model
+from trainer.parallel.distributed import shutdown_distributed
+from trainer.run.config import load_config
+from trainer.run.loop import build_model
 
 
 class FixedOrderTrainer(Trainer):

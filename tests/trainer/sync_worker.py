@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import load_config
-from trainer.distributed import shutdown_distributed
-from trainer.loop import train
+from trainer.parallel.distributed import shutdown_distributed
+from trainer.run.config import load_config
+from trainer.run.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = (str(ROOT / "models"), str(ROOT / "trainer"))
@@ -23,7 +23,7 @@ def steady_step() -> bool:
     was fitted)."""
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_name == "train_step" and frame.f_code.co_filename.endswith("trainer/loop.py"):
+        if frame.f_code.co_name == "train_step" and frame.f_code.co_filename.endswith("trainer/run/loop.py"):
             return frame.f_locals.get("step", 0) > 0
         frame = frame.f_back
     return False

@@ -88,7 +88,7 @@ class Case:
     fragments: tuple[str, ...]
     debug: bool = False  # --debug: a traceback is printed as well
     after_group_start: bool = False  # raised once the process group has started (config.yaml may be saved)
-    imports_deepspeed: bool = False  # raised in trainer.loop.train, after `import deepspeed`
+    imports_deepspeed: bool = False  # raised in trainer.run.loop.train, after `import deepspeed`
 
 
 CASES = {
@@ -211,8 +211,8 @@ def test_launch_starts_one_train_process_per_rank(monkeypatch, tmp_path):
 
 
 def test_a_gpu_deepspeed_config_on_a_cpu_machine_is_named(capsys):
-    from trainer.config import load_config
-    from trainer.loop import warn_gpu_config_on_cpu
+    from trainer.run.config import load_config
+    from trainer.run.loop import warn_gpu_config_on_cpu
 
     warn_gpu_config_on_cpu(load_config("recipes/tiny.yaml", ["parallel.ds_config=zero1_bf16"]))
     assert "parallel.ds_config=zero1_bf16 is a GPU config (bf16) but no GPU is visible" in capsys.readouterr().err

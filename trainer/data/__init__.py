@@ -9,7 +9,11 @@
     tasks.py         synthetic tasks with exact answers
 
 Names are imported lazily: the tokenizing workers are spawned processes that import this package, and must not
-pay for torch."""
+pay for torch.
+
+May import: the shared leaves (trainer.errors, trainer.fileio); nothing else of trainer (a data store is
+prepared by `hashmoe prepare` without any training code).
+"""
 
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ import sys
 import torch
 
 from models.routing import BaseRouter, balanced_assignment
-from trainer.config import load_config
 from trainer.data import prepare_data
-from trainer.export import load_checkpoint_model, resolve_checkpoint
+from trainer.publish.export import load_checkpoint_model, resolve_checkpoint
+from trainer.run.config import load_config
 
 BATCH = 16
 

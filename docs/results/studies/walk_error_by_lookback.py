@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from trainer.config import load_config
 from trainer.data import prepare_data
-from trainer.export import load_checkpoint_model, resolve_checkpoint
+from trainer.publish.export import load_checkpoint_model, resolve_checkpoint
+from trainer.run.config import load_config
 
 BUCKETS = [(1, 4), (5, 8), (9, 16), (17, 31), (32, 10_000)]  # the last: no 32-token span reads it
 BATCH = 16

@@ -201,6 +201,6 @@ def test_training_on_the_random_walk_logs_exact_match_error(tmp_path):
         assert 0.0 <= r["valid/token_error"] <= r["valid/exact_match_error"] <= 1.0
         assert 0.0 <= r["valid/far_error"] <= 1.0
         assert r["valid/loss"] > 0
-    from trainer.config import load_config
+    from trainer.run.config import load_config
 
     assert load_config(run_dir / "config.yaml").data.task_query_every == [1, 2, 14]
