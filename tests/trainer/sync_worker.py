@@ -23,7 +23,7 @@ def steady_step() -> bool:
     was fitted)."""
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_name == "train_step" and frame.f_code.co_filename.endswith("trainer/run/loop.py"):
+        if frame.f_code.co_name == "train_step" and frame.f_code.co_filename.endswith("trainer/run/steps.py"):
             return frame.f_locals.get("step", 0) > 0
         frame = frame.f_back
     return False

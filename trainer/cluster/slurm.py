@@ -288,7 +288,7 @@ def sbatch_script(sbatch: str, script: Path, options: list[str], run, environ) -
 def slurm_command(config_path: str, overrides: list[str], output: str | None, request: SlurmRequest,
                   dry_run: bool) -> int:
     from trainer.data.prepare import store_paths
-    from trainer.run.loop import plan_run
+    from trainer.run.plan import plan_run
 
     config = load_config(config_path, overrides, output)  # config errors first, before anything else
     check_request(config, request)

@@ -26,7 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def make_run(root: Path, name: str, model: dict, rates: list[float], ppls: dict[int, float],
              dropped: list[float] | None = None, summary: dict | None = None, elapsed: bool = True) -> Path:
-    """A run folder as trainer/run/loop.py writes it: training rows every 10 steps at `rates` updates/s, eval rows
+    """A run folder as trainer/run/steps.py writes it: training rows every 10 steps at `rates` updates/s, eval rows
     at the steps of `ppls`, one expert-load histogram per MoE layer per window."""
     run_dir = root / name
     config = {"run": {"name": name, "output_dir": str(run_dir), "seed": 1},

@@ -227,13 +227,13 @@ def test_a_rank_that_fails_on_its_own_is_reported_as_a_failure_not_a_hang(corpus
     (plant / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '1' and os.environ.get('HASHMOE_LAUNCHER'):\n"
-        "    import trainer.run.loop\n"
-        "    step = trainer.run.loop.TrainLoop.train_step\n"
+        "    import trainer.run.steps\n"
+        "    step = trainer.run.steps.TrainLoop.train_step\n"
         "    def fail(self, at):\n"
         "        if at == 5:\n"
         "            raise ValueError('a bug on rank 1')\n"
         "        return step(self, at)\n"
-        "    trainer.run.loop.TrainLoop.train_step = fail\n")
+        "    trainer.run.steps.TrainLoop.train_step = fail\n")
     env = {**env_for_run(), "PYTHONPATH": f"{plant}{os.pathsep}{ROOT}"}
     result = subprocess.run(launch_command(config), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
