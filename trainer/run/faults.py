@@ -29,9 +29,12 @@ from trainer.parallel.distributed import STORE_ENV
 EXIT_PEER_LOST = 3
 REPORT_WAIT_S = 10.0  # how long the ranks that saw a fault wait for each other's reports
 STORE_TIMEOUT_S = 5.0  # a store that does not answer in this time is taken for gone (with rank 0)
-# What the collective layer says when a peer is gone: gloo's transport, NCCL's watchdog, the store's socket.
-PEER_FAILURE_MARKERS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                        "Watchdog caught collective operation timeout", "Socket Timeout")
+# What the collective layer says when a peer is gone (matched ignoring case): gloo's transport (a recv that timed
+# out, or a pair closed by the timeout while a collective waited: both seen with a SIGSTOPped peer), NCCL's
+# watchdog, the store's socket.
+PEER_FAILURE_MARKERS = ("timed out waiting", "application timeout caused pair closure", "connection closed by peer",
+                        "connection reset by peer", "socket closed", "broken pipe",
+                        "watchdog caught collective operation timeout", "socket timeout")
 
 
 def stall_report_s(collective_timeout_s: float) -> float:
@@ -86,12 +89,12 @@ def is_peer_failure(err: BaseException) -> bool:
 
     if isinstance(err, getattr(dist, "DistNetworkError", ())):
         return True
-    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in PEER_FAILURE_MARKERS)
+    return isinstance(err, RuntimeError) and any(marker in str(err).lower() for marker in PEER_FAILURE_MARKERS)
 
 
 def how_it_failed(err: BaseException, timeout_s: float) -> str:
-    text = str(err)
-    if "closed" in text or "reset" in text or "refused" in text or "Broken pipe" in text:
+    text = str(err).lower()
+    if "timeout" not in text and any(word in text for word in ("closed", "reset", "broken pipe")):
         return "its connection closed: the process ended"
     return f"no reply within parallel.collective_timeout_s={timeout_s:g} s"
 
