@@ -28,10 +28,17 @@ def _read(path: str) -> str:
         return ""
 
 
+def process_stat(pid: int) -> list[str]:
+    """Fields 3 onwards of /proc/PID/stat (state, ppid, ..., start time at index 19), [] for no such process.
+    Split after the last ")": the command name in between may hold spaces and parentheses."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rpartition(")")[2].split() if ")" in stat else []
+
+
 def _process_start(pid: int) -> str:
     """The process's start time in clock ticks after boot (field 22 of /proc/PID/stat), "" where unknown."""
-    stat = _read(f"/proc/{pid}/stat")
-    return stat.rpartition(")")[2].split()[19] if ")" in stat else ""  # after "(comm)": field 3 is index 0
+    fields = process_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def _pid_namespace() -> str:

@@ -16,7 +16,6 @@ the silent one too, and prints one line naming it, the step and the checkpoint a
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from trainer.errors import EXIT_USER_ERROR
+from trainer.fileio import process_stat
 from trainer.parallel.distributed import STORE_ENV
 from trainer.run.faults import EXIT_PEER_LOST, REPORT_WAIT_S, fault_line, read_reports
 
@@ -90,10 +90,8 @@ def follow_launcher() -> None:
 
 def _state(process: subprocess.Popen) -> str:
     """The state letter of a live process (R running, S sleeping, T stopped, ...)."""
-    with contextlib.suppress(OSError, IndexError):
-        with open(f"/proc/{process.pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    return "?"
+    fields = process_stat(process.pid)
+    return fields[0] if fields else "?"
 
 
 def _wait(ranks: list[subprocess.Popen], store, run_dir: Path) -> int:

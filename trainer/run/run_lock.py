@@ -95,7 +95,6 @@ class RunFolderLock:
 
     def __init__(self, run_dir: Path, token: str, owned: bool):
         self.run_dir, self.path, self.token, self.owned = Path(run_dir), lock_path(run_dir), token, owned
-        self.lost_to: dict | None = None  # set by the heartbeat when another run took the folder
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -178,8 +177,7 @@ class RunFolderLock:
                 if lost is not None:
                     time.sleep(1.0)  # a file server hiccup is not a takeover: read again
                     lost = self.lost()
-                if lost is not None:
-                    self.lost_to = {"why": lost}
+                if lost is not None:  # rank 0 reads the lock itself before each write: this only says so now
                     print(f"hashmoe: warning: the run folder {self.run_dir} is no longer this run's: {lost}; this "
                           "run stops before its next write", file=sys.stderr, flush=True)
                     return

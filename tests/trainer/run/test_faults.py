@@ -27,6 +27,7 @@ from tests.trainer.harness import (
     write_config,
     write_corpus,
 )
+from trainer.fileio import process_stat
 from trainer.run.checkpoint import damage, latest_checkpoint
 from trainer.run.faults import EXIT_PEER_LOST
 from trainer.run.run_lock import LOCK_FILE, read_holder
@@ -69,11 +70,9 @@ def descendants(pid: int) -> list[int]:
     """Every live process below `pid` (the ranks of a launcher, and theirs)."""
     children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        fields = process_stat(int(stat.parent.name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -94,11 +93,8 @@ def rank_pid(parent: int, rank: int) -> int:
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = process_stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def test_a_second_run_into_a_folder_in_use_exits_2_and_the_first_finishes(corpus, tmp_path):
